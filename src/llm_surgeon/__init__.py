@@ -1,0 +1,21 @@
+"""llm-surgeon: make large language models smaller after training.
+
+LLM Surgeon (Kronecker-factored curvature), Numerical pruning, mAIHT and the baselines every
+user compares against (magnitude, Wanda, SparseGPT, L-OBD, K-OBD), with evaluation the field
+trusts.
+"""
+
+from llm_surgeon.errors import UserError
+
+__version__ = "0.1.0"
+
+
+def load(path: str, **kwargs):
+    """Load a model saved by llm-surgeon (or any model spec ``--model`` accepts)."""
+    from llm_surgeon.models.load import load_model
+
+    model, _ = load_model(path, **kwargs)
+    return model
+
+
+__all__ = ["UserError", "__version__", "load"]

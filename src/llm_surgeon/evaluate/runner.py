@@ -1,0 +1,95 @@
+"""``llm-surgeon eval``: load, cut windows, measure; returns a flat, stable result dict.
+
+Stable JSON keys (other tools script against them): ``ppl``, ``nll``, ``tokens``, ``windows``,
+``seqlen``, ``model``, ``data``, ``params_total``, ``params_decoder_linear``,
+``params_decoder_linear_nonzero``, ``size_on_disk_mb``, ``eval_time_s``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from llm_surgeon.data.corpora import load_text
+from llm_surgeon.data.windows import evaluation_windows, tokenize
+from llm_surgeon.errors import UserError
+from llm_surgeon.evaluate.perplexity import evaluate_perplexity
+from llm_surgeon.evaluate.size import folder_weight_bytes, state_bytes
+from llm_surgeon.models.layouts import count_parameters, layout_for
+from llm_surgeon.models.load import cache_dir, ensure_bundled_cache, load_model, resolve_model
+
+
+def check_seqlen(model: Any, seqlen: int) -> None:
+    """A window longer than the model's context is an error, not a silent truncation."""
+    limit = layout_for(model).max_positions(model.config)
+    if limit is not None and seqlen > limit:
+        raise UserError(f"--seqlen {seqlen} is longer than the model's context ({limit} tokens)")
+
+
+def eval_windows_for(
+    tokenizer: Any, data: str, seqlen: int, max_windows: int | None, text: str | None = None
+) -> torch.Tensor:
+    text = load_text(data, "test") if text is None else text
+    ids = tokenize(tokenizer, text, cache=cache_dir() / "tokens")
+    return evaluation_windows(ids, seqlen, max_windows)
+
+
+def model_size(model: Any, model_spec: str | None) -> dict[str, Any]:
+    """Size on disk of a model: its weight files when it came from a folder, else estimated."""
+    folder = None
+    if model_spec is not None:
+        kind, path = resolve_model(model_spec)
+        folder = ensure_bundled_cache(model_spec) if kind == "bundled" else path
+        if kind == "gguf":
+            folder = None
+    if folder is not None:
+        return {
+            "size_on_disk_mb": folder_weight_bytes(folder) / 2**20,
+            "size_on_disk_estimated": False,
+        }
+    return {"size_on_disk_mb": state_bytes(model) / 2**20, "size_on_disk_estimated": True}
+
+
+def evaluate_loaded(
+    model: Any,
+    tokenizer: Any,
+    data: str,
+    seqlen: int,
+    eval_windows: int | None,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "perplexity",
+    text: str | None = None,
+) -> dict[str, Any]:
+    check_seqlen(model, seqlen)
+    windows = eval_windows_for(tokenizer, data, seqlen, eval_windows, text)
+    start = time.time()
+    ppl = evaluate_perplexity(model, windows, batch_size=batch_size, progress=progress, desc=desc)
+    return {**ppl, "seqlen": seqlen, "eval_time_s": time.time() - start}
+
+
+def evaluate_model(
+    model_spec: str,
+    data: str = "sotu",
+    seqlen: int = 512,
+    eval_windows: int | None = 64,
+    batch_size: int = 1,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    if eval_windows is not None and eval_windows <= 0:
+        raise UserError(f"--eval-windows must be positive (got {eval_windows})")
+    text = load_text(data, "test")  # fail on a missing file before loading a model
+    model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
+    result: dict[str, Any] = {"model": model_spec, "data": data}
+    result.update(
+        evaluate_loaded(
+            model, tokenizer, data, seqlen, eval_windows, batch_size, progress, text=text
+        )
+    )
+    result.update(count_parameters(model))
+    result.update(model_size(model, model_spec))
+    return result
