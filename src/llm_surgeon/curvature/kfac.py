@@ -1,0 +1,253 @@
+"""Kronecker-factored curvature F ≈ G ⊗ A of every targeted linear, from full-model passes.
+
+For a linear layer y = W a (+ b) seen on tokens n = 1..N of the calibration set,
+
+    A = (1/N) Σ_n ā_n ā_nᵀ      ā = [a; 1] when the layer has a bias (bias pruned with its row)
+    G = (1/N) Σ_n g_n g_nᵀ      g_n = ∂ℓ/∂y_n, the gradient of the loss at the layer output
+
+where ℓ is the summed token cross-entropy of the whole model on the calibration windows, with
+the true next tokens (empirical Fisher, the default) or with labels drawn from the model's own
+softmax (sampled Fisher). Both factors are accumulated as running sums during ordinary forward
+and backward passes; no activation is stored beyond one batch.
+
+Plumbing notes (the math lives in :mod:`llm_surgeon.methods.surgeon`):
+
+* Layers that read the same input tensor (q/k/v; gate/up; in Phi also fc1) share one A, which is
+  accumulated once: inputs are matched by tensor identity during each forward pass.
+* Parameters never need gradients: only the embedding output is made to require grad, so the
+  backward computes activation gradients only (no weight-gradient products).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from llm_surgeon.models.layouts import TargetLinear
+
+FISHER_KINDS = ("empirical", "sampled")
+
+
+@dataclass
+class _InputStats:
+    """Running sums of a shared layer input: Σ a aᵀ, Σ a and the token count."""
+
+    xtx: torch.Tensor
+    xsum: torch.Tensor
+    count: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.xtx.dtype)
+        self.xtx.addmm_(x.T, x)
+        self.xsum.add_(x.sum(0))
+        self.count += x.shape[0]
+
+    def second_moment(self, with_bias: bool) -> torch.Tensor:
+        """A = E[ā āᵀ], with ā = [a; 1] when ``with_bias``."""
+        n = max(self.count, 1)
+        if not with_bias:
+            return self.xtx / n
+        d = self.xtx.shape[0]
+        out = self.xtx.new_empty(d + 1, d + 1)
+        out[:d, :d] = self.xtx
+        out[:d, d] = self.xsum
+        out[d, :d] = self.xsum
+        out[d, d] = self.count
+        return out / n
+
+
+@dataclass
+class KroneckerFactors:
+    """A and G of one linear: ``A`` (in[+1])², ``G`` out², both means over ``count`` tokens."""
+
+    A: torch.Tensor
+    G: torch.Tensor
+    count: int
+
+
+@dataclass
+class _Collector:
+    targets: list[TargetLinear]
+    dtype: torch.dtype
+    want_A: bool = True
+    want_G: bool = True
+    inputs: list[_InputStats] = field(default_factory=list)
+    input_of: dict[str, int] = field(default_factory=dict)
+    gsum: dict[str, torch.Tensor] = field(default_factory=dict)
+    gcount: dict[str, int] = field(default_factory=dict)
+    # Inputs seen in the current batch, kept alive so that no other tensor can reuse the address.
+    _seen: dict[tuple[int, tuple[int, ...]], tuple[int, torch.Tensor]] = field(default_factory=dict)
+    _handles: list[Any] = field(default_factory=list)
+
+    def new_batch(self) -> None:
+        self._seen.clear()
+
+    def _forward_hook(self, target: TargetLinear):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if self.want_A:
+                x = args[0]
+                key = (x.data_ptr(), tuple(x.shape))
+                seen = self._seen.get(key)
+                idx = seen[0] if seen is not None and seen[1] is x else None
+                if idx is None:
+                    idx = self.input_of.get(target.name)
+                    if idx is None:
+                        d = x.shape[-1]
+                        self.inputs.append(_InputStats(
+                            torch.zeros(d, d, dtype=self.dtype, device=x.device),
+                            torch.zeros(d, dtype=self.dtype, device=x.device)))
+                        idx = len(self.inputs) - 1
+                    self.inputs[idx].add(x.detach())
+                    self._seen[key] = (idx, x)
+                self.input_of[target.name] = idx
+            if self.want_G and output.requires_grad:
+                output.register_hook(self._grad_hook(target))
+
+        return hook
+
+    def _grad_hook(self, target: TargetLinear):
+        def hook(grad: torch.Tensor) -> None:
+            g = grad.detach().reshape(-1, grad.shape[-1]).to(self.dtype)
+            acc = self.gsum.get(target.name)
+            if acc is None:
+                acc = self.gsum[target.name] = torch.zeros(g.shape[1], g.shape[1], dtype=self.dtype,
+                                                           device=g.device)
+                self.gcount[target.name] = 0
+            acc.addmm_(g.T, g)
+            self.gcount[target.name] += g.shape[0]
+
+        return hook
+
+    def attach(self) -> None:
+        for t in self.targets:
+            self._handles.append(t.module.register_forward_hook(self._forward_hook(t)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _embedding_requires_grad(model: nn.Module):
+    """Make the input embeddings' output require grad so activations get gradients."""
+    emb = model.get_input_embeddings()
+
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output.detach().requires_grad_(True)
+
+    return emb.register_forward_hook(hook)
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, fisher: str,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy; labels are the true tokens (empirical Fisher) or drawn
+    from the model's own predictive distribution (sampled Fisher)."""
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # upcast low precision, keep fp64 as is
+        logits = logits.float()
+    if fisher == "empirical":
+        labels = ids[:, 1:]
+    elif fisher == "sampled":
+        probs = torch.softmax(logits.detach().reshape(-1, logits.shape[-1]), dim=-1)
+        labels = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:2])
+    else:
+        raise ValueError(f"fisher must be one of {FISHER_KINDS}")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           reduction="sum")
+
+
+def _batches(windows: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
+    for start in range(0, windows.shape[0], batch_size):
+        yield windows[start : start + batch_size]
+
+
+def collect_kfac(
+    model: nn.Module,
+    targets: list[TargetLinear],
+    windows: torch.Tensor,
+    fisher: str = "empirical",
+    batch_size: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    desc: str = "curvature G⊗A",
+) -> dict[str, KroneckerFactors]:
+    """Accumulate A and G for every target over all calibration windows (forward + backward)."""
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+    col = _Collector(targets, dtype)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed) if fisher == "sampled" else None
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    col.attach()
+    emb_hook = _embedding_requires_grad(model)
+    try:
+        bar = tqdm(total=windows.shape[0], desc=desc, unit="seq", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        for batch in _batches(windows, batch_size):
+            col.new_batch()
+            batch = batch.to(device)
+            with torch.enable_grad():
+                logits = model(input_ids=batch, use_cache=False).logits
+                loss = next_token_loss(logits, batch, fisher, gen)
+                del logits
+                loss.backward()
+            bar.update(batch.shape[0])
+        bar.close()
+    finally:
+        emb_hook.remove()
+        col.detach()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    out: dict[str, KroneckerFactors] = {}
+    for t in targets:
+        stats = col.inputs[col.input_of[t.name]]
+        A = stats.second_moment(with_bias=t.has_bias)
+        if t.name in col.gsum:
+            G = col.gsum[t.name] / max(col.gcount[t.name], 1)
+        else:  # the output never received a gradient (unused layer): no curvature information
+            G = torch.zeros(t.module.out_features, t.module.out_features, dtype=dtype)
+        out[t.name] = KroneckerFactors(A=A, G=G, count=stats.count)
+    return out
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module,
+    targets: list[TargetLinear],
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    desc: str = "activations A",
+) -> dict[str, torch.Tensor]:
+    """A = E[ā āᵀ] only (forward passes, no gradients): what L-OBD needs."""
+    col = _Collector(targets, dtype, want_G=False)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # calibration statistics without dropout, as in collect_kfac
+    col.attach()
+    try:
+        bar = tqdm(total=windows.shape[0], desc=desc, unit="seq", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        for batch in _batches(windows, batch_size):
+            col.new_batch()
+            model(input_ids=batch.to(device), use_cache=False)
+            bar.update(batch.shape[0])
+        bar.close()
+    finally:
+        col.detach()
+        model.train(was_training)
+    return {t.name: col.inputs[col.input_of[t.name]].second_moment(with_bias=t.has_bias)
+            for t in targets}
