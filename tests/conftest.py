@@ -66,6 +66,11 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    # Random biases (transformers initialises them to zero) so that bias handling is exercised.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.02)
     model.eval()
     return model
 
@@ -112,3 +117,26 @@ def sample_text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("text") / "sample.txt"
     p.write_text(SAMPLE_TEXT)
     return p
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_dir(tmp_path_factory, tiny_tok) -> Path:
+    """A tiny Llama briefly trained on the sample text, so that pruning visibly hurts it."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", hidden_size=48, intermediate_size=96, head_dim=12)
+    ids = torch.tensor(tiny_tok(SAMPLE_TEXT)["input_ids"])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(200):
+        starts = torch.randint(0, ids.numel() - 33, (8,), generator=gen)
+        batch = torch.stack([ids[s : s + 32] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    d = tmp_path_factory.mktemp("trained-llama")
+    model.save_pretrained(d)
+    tiny_tok.save_pretrained(d)
+    return d

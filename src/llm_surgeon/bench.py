@@ -1,0 +1,178 @@
+"""``llm-surgeon bench``: a matrix of prune runs on one model and data set, resumable.
+
+A config (YAML, or flags) names the model, the data, the shared settings and the runs:
+
+.. code-block:: yaml
+
+    model: smollm2-135m
+    calib_samples: 32
+    seqlen: 512
+    eval_windows: 64
+    shots: 5
+    runs:
+      - {method: surgeon, structure: unstructured, sparsity: 0.5}
+      - {method: magnitude, structure: "2:4"}
+
+Every finished run leaves ``DIR/runs/<id>.json``; a second invocation skips those, so an
+interrupted matrix resumes where it stopped. The dense perplexity is measured once and shared.
+Results: ``DIR/results.csv``, ``DIR/results.json`` and ``DIR/results.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm_surgeon.errors import UserError
+from llm_surgeon.run import PruneConfig, prune, strip_private
+
+CSV_COLUMNS = (
+    "id",
+    "method",
+    "structure",
+    "sparsity_target",
+    "sparsity_achieved",
+    "ppl",
+    "ppl_dense",
+    "shots",
+    "time_s",
+)
+_CONFIG_KEYS = {f.name for f in fields(PruneConfig)}
+
+
+def run_id(run: dict[str, Any]) -> str:
+    """A stable, readable id: method-structure-sparsity-shotsT."""
+    structure = str(run.get("structure", "unstructured")).replace(":", "of")
+    sparsity = run.get("sparsity")
+    sp = "" if sparsity is None else f"-{round(100 * float(sparsity))}"
+    return f"{run['method']}-{structure}{sp}-{run.get('shots', 1)}shots"
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"bench config not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"bench config {path} is not valid YAML: {exc}") from None
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("runs"), list)
+        or not config["runs"]
+    ):
+        raise UserError(f"bench config {path} needs a non-empty 'runs' list")
+    return config
+
+
+def expand_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Shared settings merged into every run; unknown keys are an error."""
+    shared = {k: v for k, v in config.items() if k != "runs"}
+    runs = []
+    for entry in config["runs"]:
+        run = {**shared, **entry}
+        unknown = set(run) - _CONFIG_KEYS
+        if unknown:
+            raise UserError(f"unknown bench setting(s): {', '.join(sorted(unknown))}")
+        if "method" not in run:
+            raise UserError("every bench run needs a 'method'")
+        runs.append(run)
+    ids = [run_id(r) for r in runs]
+    if len(set(ids)) != len(ids):
+        raise UserError("two bench runs have the same method, structure, sparsity and shots")
+    return runs
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def bench(
+    config: dict[str, Any], output: str | Path, progress: bool = True
+) -> list[dict[str, Any]]:
+    out = Path(output)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    runs = expand_runs(config)
+    # validate every run before spending minutes on the first
+    for run in runs:
+        PruneConfig(**run).validate()
+    dense_path = out / "runs" / "dense.json"
+    dense_ppl = json.loads(dense_path.read_text())["ppl"] if dense_path.is_file() else None
+    rows = []
+    for run in runs:
+        rid = run_id(run)
+        path = out / "runs" / f"{rid}.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+            if progress:
+                print(f"[bench] {rid}: done earlier (ppl {result.get('ppl')})")
+        else:
+            if progress:
+                print(f"[bench] {rid}: running")
+            cfg = PruneConfig(**run)
+            cfg.output = None
+            start = time.perf_counter()
+            report = strip_private(prune(cfg, progress=progress, dense_ppl=dense_ppl))
+            report["time_s"] = time.perf_counter() - start
+            report["id"] = rid
+            if dense_ppl is None and report.get("ppl_dense") is not None:
+                dense_ppl = report["ppl_dense"]
+                _write_atomic(dense_path, json.dumps({"ppl": dense_ppl}) + "\n")
+            _write_atomic(path, json.dumps(report, indent=2) + "\n")
+            result = report
+        rows.append(result)
+    write_results(rows, out)
+    return rows
+
+
+def summary_row(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": result["id"],
+        "method": result["method"],
+        "structure": result["structure"],
+        "sparsity_target": result["sparsity_target"],
+        "sparsity_achieved": result["sparsity_achieved"],
+        "ppl": result.get("ppl"),
+        "ppl_dense": result.get("ppl_dense"),
+        "shots": len(result.get("shots", [])),
+        "time_s": result.get("time_s"),
+    }
+
+
+def write_results(results: list[dict[str, Any]], out: Path) -> None:
+    rows = [summary_row(r) for r in results]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(out / "results.csv", buf.getvalue())
+    _write_atomic(out / "results.json", json.dumps(rows, indent=2) + "\n")
+    _write_atomic(out / "results.md", markdown_table(rows))
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | structure | target | achieved | shots | ppl | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['structure']} | {r['sparsity_target']:.2f} | "
+            f"{r['sparsity_achieved']:.4f} | {r['shots']} | {_fmt(r['ppl'], '.2f')} | "
+            f"{_fmt(r['time_s'], '.0f')} |"
+        )
+    return "\n".join(lines) + "\n"

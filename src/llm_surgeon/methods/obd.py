@@ -1,0 +1,91 @@
+"""The remove-only baselines of the LLM Surgeon paper: magnitude, L-OBD and K-OBD.
+
+They share the surgeon's machinery (curvature, global threshold, shots) but never update the
+remaining weights: a removed set Q is simply zeroed, and its cost is the loss increase of that
+zeroing under the method's curvature F:
+
+    cost(Q) = ½ w_Qᵀ F_QQ w_Q,     F = I ⊗ I (magnitude),  I ⊗ A (L-OBD),  G ⊗ A (K-OBD).
+
+Under F = G ⊗ A this gives, for W of shape (out, in):
+
+    one weight (i, j):   ½ W_ij² G_ii A_jj
+    a row r:             ½ G_rr · w_rᵀ A w_r
+    a column c:          ½ A_cc · w_cᵀ G w_c
+
+with G = I or A = I where the method has no such factor (a missing factor is passed as None).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure
+
+
+def _diag(M: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
+    if M is None:
+        return torch.ones(n, dtype=like.dtype, device=like.device)
+    return torch.diagonal(M).to(like.dtype)
+
+
+def element_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+    """½ W_ij² G_ii A_jj for every weight (shape of W)."""
+    out, inp = W.shape
+    return 0.5 * W.square() * _diag(G, out, W)[:, None] * _diag(A, inp, W)[None, :]
+
+
+def row_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+    """½ G_rr · w_rᵀ A w_r for every row r (shape (out,))."""
+    quad = W.square().sum(1) if A is None else ((W @ A.to(W.dtype)) * W).sum(1)
+    return 0.5 * _diag(G, W.shape[0], W) * quad
+
+
+def column_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+    """½ A_cc · w_cᵀ G w_c for every column c (shape (in,))."""
+    quad = W.square().sum(0) if G is None else ((G.to(W.dtype) @ W) * W).sum(0)
+    return 0.5 * _diag(A, W.shape[1], W) * quad
+
+
+# ---- the shared interface (see methods/base.py) ----------------------------------------------
+
+
+class ZeroingMethod:
+    """A remove-only method: costs of zeroing under I⊗I, I⊗A or G⊗A; removal = zeroing."""
+
+    updates = False
+    structures = ("unstructured", "nm", "rows-columns")
+
+    def __init__(self, name: str, curvature: str, use_A: bool, use_G: bool) -> None:
+        self.name = name
+        self.curvature = curvature
+        self.use_A = use_A
+        self.use_G = use_G
+
+    def costs(self, W: torch.Tensor, curv: Curvature, structure: Structure) -> Costs:
+        G = curv.G if self.use_G else None
+        A = curv.A if self.use_A else None
+        if structure.kind == "rows-columns":
+            return Costs(rows=row_costs(W, G, A), cols=column_costs(W, G, A))
+        return Costs(elements=element_costs(W, G, A))
+
+    def apply(
+        self, W: torch.Tensor, curv: Curvature, removal: Removal, structure: Structure
+    ) -> torch.Tensor:
+        return zero_removed(W, removal)
+
+
+def zero_removed(W: torch.Tensor, removal: Removal) -> torch.Tensor:
+    """W with the removed elements, rows and columns set to zero (no other change)."""
+    out = W.clone()
+    if removal.mask is not None:
+        out[removal.mask] = 0
+    if removal.rows is not None and removal.rows.numel():
+        out[removal.rows] = 0
+    if removal.cols is not None and removal.cols.numel():
+        out[:, removal.cols] = 0
+    return out
+
+
+MAGNITUDE = ZeroingMethod("magnitude", "none", use_A=False, use_G=False)
+L_OBD = ZeroingMethod("l-obd", "activations", use_A=True, use_G=False)
+K_OBD = ZeroingMethod("k-obd", "kfac", use_A=True, use_G=True)

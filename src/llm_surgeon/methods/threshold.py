@@ -1,0 +1,414 @@
+"""One global threshold over all layers, and the multi-shot schedule.
+
+Every layer contributes candidates (single weights, N:M groups, rows, columns, heads, channels)
+with a cost; the cheapest candidates over *all* layers are removed until a target number of
+parameters is reached, so a layer whose removals are cheap loses more than one where they are
+expensive (The LLM Surgeon, §3.4 / the released ``threshold.py``).
+
+Rules shared by every function here:
+
+* a candidate with cost ``+inf`` is *ineligible*: never removed, even if the target cannot be
+  reached otherwise (the count actually removed is reported). Use it to protect a bias column or
+  the non-cheapest members of N:M groups (:func:`nm_eligible_costs`);
+* NaN costs raise ValueError;
+* ties are broken deterministically: earlier layer first (the order of the list / mapping), then
+  the lower flat (row-major) index within the layer;
+* the target is never exceeded unless already-removed candidates alone exceed it (then exactly
+  those are kept removed): with unit sizes the target is met exactly when enough candidates are
+  eligible, with varying sizes the longest cheap prefix that fits is taken (``rounding="floor"``)
+  or the prefix whose count is closest to the target (``rounding="nearest"``, may exceed it).
+
+Memory and time: for equal-size candidates (elements, N:M groups) the k-th smallest key is found
+without concatenating all costs (a sampled bracket, then :func:`torch.kthvalue` on the ~1% of
+keys inside it; see ``_kth_smallest``), plus one bool mask per layer: ~0.7 s and ~0.6 GB of
+transient memory for 10⁸ fp32 costs on 2 CPU cores (a plain concatenation + kthvalue: ~5 s,
+~2 GB). A full sort (plus int64 indices) is only done for candidates of varying sizes, which
+are few (units).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from llm_surgeon.methods.surgeon import nm_group_costs, nm_mask
+
+__all__ = [
+    "Selection",
+    "global_masks",
+    "linear_schedule",
+    "nm_eligible_costs",
+    "select_global",
+    "select_rows_columns",
+    "shot_targets",
+    "target_count",
+]
+
+Tensor = torch.Tensor
+Costs = Mapping[str, Tensor] | Sequence[Tensor]
+SizeLike = int | float | Tensor | None
+
+
+@dataclass
+class Selection:
+    """Result of :func:`select_global`."""
+
+    masks: list[Tensor] | dict[str, Tensor]  # per layer, True = removed; same container as costs
+    threshold: float  # ranking key of the last candidate taken (−inf if none was taken)
+    n_removed: int  # parameters removed in total, already-removed ones included
+    target: int
+
+
+def _unpack(costs: Costs) -> tuple[list[str] | None, list[Tensor]]:
+    if isinstance(costs, Mapping):
+        return list(costs.keys()), list(costs.values())
+    return None, list(costs)
+
+
+def _pack(names: list[str] | None, values: list[Tensor]) -> list[Tensor] | dict[str, Tensor]:
+    return values if names is None else dict(zip(names, values, strict=True))
+
+
+def _per_layer(arg: object, names: list[str] | None, n: int, what: str) -> list:
+    """A per-layer argument given as None, one scalar, a list or a mapping → a list of n."""
+    if arg is None or isinstance(arg, int | float) or (isinstance(arg, Tensor) and arg.ndim == 0):
+        return [arg] * n
+    if isinstance(arg, Mapping):
+        if names is None:
+            raise ValueError(f"{what}: a mapping needs costs given as a mapping too")
+        return [arg.get(k) for k in names]
+    if isinstance(arg, Tensor):
+        raise ValueError(f"{what}: give one entry per layer (a list or a mapping)")
+    out = list(arg)  # type: ignore[call-overload]
+    if len(out) != n:
+        raise ValueError(f"{what}: expected {n} entries, got {len(out)}")
+    return out
+
+
+def select_global(
+    costs: Costs,
+    target: int,
+    *,
+    sizes: SizeLike | Sequence[SizeLike] | Mapping[str, SizeLike] = None,
+    already_removed: Sequence[Tensor | None] | Mapping[str, Tensor | None] | None = None,
+    per_param: bool = True,
+    rounding: Literal["floor", "nearest"] = "floor",
+) -> Selection:
+    """Pick the globally cheapest candidates until ``target`` parameters are removed.
+
+    ``costs``: per layer a tensor of candidate costs (any shape), as a list or a mapping.
+    ``sizes``: parameters per candidate: None (1 each), one number for all layers, or per layer a
+    number or a tensor broadcastable to that layer's costs. With ``per_param`` the ranking key is
+    ``cost / size`` (cost per parameter), else the cost itself.
+    ``already_removed``: per layer a bool tensor (costs' shape) or None: candidates removed
+    before (e.g. in earlier shots). They are always in the returned masks and count toward the
+    target; the rest is chosen among the others.
+
+    Returns a :class:`Selection` with per-layer removal masks (True = removed), the threshold
+    (ranking key of the last candidate taken), the parameters removed and the target.
+    """
+    if target < 0:
+        raise ValueError(f"target must be >= 0, got {target}")
+    if rounding not in ("floor", "nearest"):
+        raise ValueError(f"unknown rounding {rounding!r}")
+    names, tensors = _unpack(costs)
+    L = len(tensors)
+    if L == 0:
+        return Selection(_pack(names, []), float("-inf"), 0, target)
+    size_list = _per_layer(sizes, names, L, "sizes")
+    if already_removed is None:
+        already_list: list[Tensor | None] = [None] * L
+    elif isinstance(already_removed, Mapping):
+        if names is None:
+            raise ValueError("already_removed: a mapping needs costs given as a mapping too")
+        already_list = [already_removed.get(k) for k in names]
+    else:
+        already_list = list(already_removed)
+        if len(already_list) != L:
+            raise ValueError(f"already_removed: expected {L} entries, got {len(already_list)}")
+
+    key_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    keys: list[Tensor] = []
+    elig: list[Tensor] = []
+    szs: list[Tensor | float] = []
+    already: list[Tensor] = []
+    n_already = 0
+    for i, c in enumerate(tensors):
+        if bool(torch.isnan(c).any()):
+            raise ValueError(f"costs of layer {names[i] if names else i} contain NaN")
+        s = size_list[i]
+        if s is None:
+            s = 1
+        if isinstance(s, Tensor):
+            s = s.to(c.device)
+            if bool((s <= 0).any()):
+                raise ValueError("sizes must be positive")
+            s_full: Tensor | float = torch.broadcast_to(s, c.shape)
+        else:
+            if s <= 0:
+                raise ValueError("sizes must be positive")
+            s_full = float(s)
+        k = c.to(key_dtype)
+        if per_param and not (isinstance(s_full, float) and s_full == 1.0):
+            k = k / (s_full.to(key_dtype) if isinstance(s_full, Tensor) else s_full)
+        a = already_list[i]
+        a = torch.zeros(c.shape, dtype=torch.bool, device=c.device) if a is None else \
+            a.to(device=c.device, dtype=torch.bool)
+        if a.shape != c.shape:
+            raise ValueError(f"already_removed of layer {names[i] if names else i} has shape "
+                             f"{tuple(a.shape)}, costs {tuple(c.shape)}")
+        n_already += int((s_full * a).sum()) if isinstance(s_full, Tensor) else \
+            round(s_full * int(a.sum()))
+        keys.append(k)
+        elig.append(~a & (k != float("inf")))
+        szs.append(s_full)
+        already.append(a)
+
+    need = target - n_already
+    n_elig = sum(int(e.sum()) for e in elig)
+    if need <= 0 or n_elig == 0:
+        return Selection(_pack(names, already), float("-inf"), n_already, target)
+
+    scalar_sizes = {s for s in szs if not isinstance(s, Tensor)}
+    uniform = all(not isinstance(s, Tensor) for s in szs) and len(scalar_sizes) == 1
+    if uniform:
+        return _select_uniform(names, keys, elig, already, float(next(iter(scalar_sizes))),
+                               need, n_already, n_elig, target, rounding)
+    return _select_sorted(names, keys, elig, szs, already, need, n_already, target, rounding)
+
+
+def _select_uniform(names: list[str] | None, keys: list[Tensor], elig: list[Tensor],
+                    already: list[Tensor], size: float, need: int, n_already: int, n_elig: int,
+                    target: int, rounding: str) -> Selection:
+    k = int(need // size) if rounding == "floor" else round(need / size)
+    k = min(k, n_elig)
+    if k <= 0:
+        return Selection(_pack(names, already), float("-inf"), n_already, target)
+    t = _kth_smallest(keys, elig, k)
+    masks: list[Tensor] = []
+    taken = 0
+    for kk, e in zip(keys, elig, strict=True):
+        sel = e & (kk < t)
+        taken += int(sel.sum())
+        masks.append(sel)
+    rem = k - taken
+    for i, (kk, e) in enumerate(zip(keys, elig, strict=True)):
+        if rem <= 0:
+            break
+        eq = (e & (kk == t)).reshape(-1)
+        csum = torch.cumsum(eq.to(torch.int64), 0)
+        pick = eq & (csum <= rem)
+        rem -= int(pick.sum())
+        masks[i] = masks[i] | pick.reshape(kk.shape)
+    out = [m | a for m, a in zip(masks, already, strict=True)]
+    return Selection(_pack(names, out), t, n_already + round(k * size), target)
+
+
+_EXACT_BELOW = 1 << 22  # candidates: below this, one concatenation + kthvalue
+_SAMPLE = 1 << 20
+
+
+def _kth_smallest(keys: list[Tensor], elig: list[Tensor], k: int) -> float:
+    """The k-th smallest (1-based) eligible key over all layers.
+
+    Small inputs: concatenation + :func:`torch.kthvalue`. Large inputs: a seeded random sample
+    of 2²⁰ keys brackets the k-th value (± ~10 binomial standard deviations of its sample rank),
+    one pass counts the keys below the bracket and collects those inside it (~1% of the data),
+    and kthvalue runs on that small set; if the bracket misses (it practically never does) the
+    full concatenation is used. Ineligible keys count as +inf, which never reaches rank k
+    (k <= number of eligible keys). Same result as the plain method, ~10x faster and ~2x less
+    memory on 10⁸ keys.
+    """
+    inf = float("inf")
+    dev = keys[0].device
+
+    def flat(i: int) -> Tensor:
+        kk, e = keys[i], elig[i]
+        v = kk if bool(e.all()) else torch.where(e, kk, torch.full((), inf, dtype=kk.dtype,
+                                                                  device=kk.device))
+        return v.reshape(-1)
+
+    sizes = [kk.numel() for kk in keys]
+    total = sum(sizes)
+    if total > _EXACT_BELOW:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        parts = []
+        for i, n in enumerate(sizes):
+            m = max(1, round(_SAMPLE * n / total))
+            idx = torch.randint(n, (m,), generator=gen).to(keys[i].device)
+            parts.append(flat(i)[idx].to(dev))
+        sample = torch.sort(torch.cat(parts)).values
+        ns = sample.numel()
+        pos = k / total * ns
+        margin = 10.0 * ns**0.5 + 64
+        lo = sample[max(0, int(pos - margin))]
+        hi = sample[min(ns - 1, int(pos + margin) + 1)]
+        below, cands = 0, []
+        for i in range(len(keys)):
+            v = flat(i)
+            lo_i, hi_i = lo.to(v.device), hi.to(v.device)
+            below += int((v < lo_i).sum())
+            cands.append(v[(v >= lo_i) & (v <= hi_i)].to(dev))
+        cand = torch.cat(cands)
+        if below < k <= below + cand.numel():
+            return float(torch.kthvalue(cand, k - below).values)
+    full = torch.cat([flat(i).to(dev) for i in range(len(keys))])
+    return float(torch.kthvalue(full, k).values)
+
+
+def _select_sorted(names: list[str] | None, keys: list[Tensor], elig: list[Tensor],
+                   szs: list[Tensor | float], already: list[Tensor], need: int, n_already: int,
+                   target: int, rounding: str) -> Selection:
+    dev = keys[0].device
+    flat_k = torch.cat([kk[e].to(dev) for kk, e in zip(keys, elig, strict=True)])
+    flat_s = torch.cat([
+        (s[e] if isinstance(s, Tensor) else torch.full((int(e.sum()),), s, device=e.device))
+        .to(device=dev, dtype=torch.float64) for s, e in zip(szs, elig, strict=True)])
+    order = torch.argsort(flat_k, stable=True)
+    cum = torch.cumsum(flat_s[order], 0)
+    need_t = torch.tensor([float(need)], dtype=torch.float64, device=dev)
+    k = int(torch.searchsorted(cum, need_t, right=True))
+    if rounding == "nearest" and k < cum.numel():
+        below = float(cum[k - 1]) if k > 0 else 0.0
+        if float(cum[k]) - need < need - below:
+            k += 1
+    sel_flat = torch.zeros(flat_k.numel(), dtype=torch.bool, device=dev)
+    sel_flat[order[:k]] = True
+    removed = n_already + (round(float(cum[k - 1])) if k > 0 else 0)
+    thr = float(flat_k[order[k - 1]]) if k > 0 else float("-inf")
+    out: list[Tensor] = []
+    off = 0
+    for e, a in zip(elig, already, strict=True):
+        n = int(e.sum())
+        m = a.clone()
+        m[e] = sel_flat[off:off + n].to(e.device)
+        off += n
+        out.append(m)
+    return Selection(_pack(names, out), thr, removed, target)
+
+
+def global_masks(costs: Costs, n_remove: int, *,
+                 already_removed: Sequence[Tensor | None] | Mapping[str, Tensor | None] | None
+                 = None) -> list[Tensor] | dict[str, Tensor]:
+    """Removal masks (True = removed) of exactly ``n_remove`` unit-size candidates over all
+    layers (fewer only if not enough are eligible): :func:`select_global` with sizes 1.
+    Returns the container type of ``costs`` (list or dict)."""
+    return select_global(costs, n_remove, already_removed=already_removed).masks
+
+
+def nm_eligible_costs(costs: Tensor, n: int, m: int, *, groupable: int | None = None) -> Tensor:
+    """Element costs for a *global* N:M selection (element-level, unit sizes).
+
+    In every group of M consecutive columns (within the first ``groupable`` columns; the rest,
+    e.g. a bias column, are never grouped) only the M−N cheapest elements are eligible; each gets
+    its group's mean cost (sum of those M−N costs / (M−N): the released code's block cost,
+    assuming independent elements); every other element gets ``+inf`` (never removed).
+    Thresholding these with :func:`global_masks` removes whole groups' M−N cheapest weights in
+    order of group cost, so that at the final target every group is exactly N:M and intermediate
+    shots prune a growing subset of groups (at most one group is cut partially at the border).
+    """
+    width = costs.shape[1] if groupable is None else int(groupable)
+    removable = nm_mask(costs, n, m, n_groupable_cols=width)
+    mean = nm_group_costs(costs, n, m, n_groupable_cols=width) / (m - n)
+    out = torch.full_like(costs, float("inf"))
+    out[:, :width] = torch.where(removable[:, :width], mean.repeat_interleave(m, dim=1),
+                                 torch.full((), float("inf"), dtype=costs.dtype,
+                                            device=costs.device))
+    return out
+
+
+def select_rows_columns(
+    costs: Mapping[str, tuple[Tensor, Tensor]],
+    shapes: Mapping[str, tuple[int, int]],
+    n_remove: int,
+    *,
+    per_param: bool = False,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Global threshold over the rows and columns of all layers, counting overlaps once.
+
+    ``costs[name] = (row_costs (out,), col_costs (in,))``, ``shapes[name] = (out, in)`` of the
+    (augmented) weight. Candidates are taken in increasing cost (``per_param``: cost per
+    parameter of a whole row, ``in``, or column, ``out``; the paper ranks raw costs) while the
+    number of removed parameters, ``Σ_layers r·in + c·out − r·c`` for r rows and c columns
+    removed, stays <= ``n_remove``. Returns ``{name: (row indices, column indices)}`` (sorted
+    int64). Already-removed (zero) rows and columns cost 0 and so are taken first.
+    """
+    names = list(costs.keys())
+    if not names:
+        return {}
+    ks, lay, isrow, loc = [], [], [], []
+    dims = []
+    dev = costs[names[0]][0].device
+    key_dtype = torch.float64 if any(
+        t.dtype == torch.float64 for pair in costs.values() for t in pair) else torch.float32
+    for li, name in enumerate(names):
+        rc, cc = costs[name]
+        out_dim, in_dim = (int(v) for v in shapes[name])
+        if rc.numel() != out_dim or cc.numel() != in_dim:
+            raise ValueError(f"{name}: {rc.numel()} row / {cc.numel()} column costs for shape "
+                             f"({out_dim}, {in_dim})")
+        for part, is_row, per in ((rc, True, in_dim), (cc, False, out_dim)):
+            k = part.reshape(-1).to(device=dev, dtype=key_dtype)
+            if bool(torch.isnan(k).any()):
+                raise ValueError(f"{name}: NaN in {'row' if is_row else 'column'} costs")
+            ks.append(k / per if per_param else k)
+            lay.append(torch.full((k.numel(),), li, dtype=torch.long, device=dev))
+            isrow.append(torch.full((k.numel(),), is_row, dtype=torch.bool, device=dev))
+            loc.append(torch.arange(k.numel(), device=dev))
+        dims.append((out_dim, in_dim))
+    key = torch.cat(ks)
+    layer = torch.cat(lay)
+    row = torch.cat(isrow)
+    local = torch.cat(loc)
+    order = torch.argsort(key, stable=True)
+    order = order[key[order] != float("inf")]
+    R = torch.tensor([d[0] for d in dims], dtype=torch.long, device=dev)
+    C = torch.tensor([d[1] for d in dims], dtype=torch.long, device=dev)
+
+    # parameters added by each candidate, in global order: a row adds in − (columns of its layer
+    # taken before it), a column adds out − (rows taken before it).
+    lay_o, row_o = layer[order], row[order]
+    perm = torch.argsort(lay_o, stable=True)  # grouped by layer, global order kept inside
+    lay_p, row_p = lay_o[perm], row_o[perm]
+    rows_ex = torch.cumsum(row_p.long(), 0) - row_p.long()
+    cols_ex = torch.cumsum((~row_p).long(), 0) - (~row_p).long()
+    counts = torch.bincount(lay_p, minlength=len(names))
+    starts = torch.cumsum(counts, 0) - counts
+    first = starts[lay_p]
+    rows_before = rows_ex - rows_ex[first]
+    cols_before = cols_ex - cols_ex[first]
+    inc_p = torch.where(row_p, C[lay_p] - cols_before, R[lay_p] - rows_before)
+    inc = torch.empty_like(inc_p)
+    inc[perm] = inc_p
+    cum = torch.cumsum(inc, 0)
+    k = int(torch.searchsorted(cum, torch.tensor([n_remove], device=dev), right=True))
+    chosen = order[:k]
+    result: dict[str, tuple[Tensor, Tensor]] = {}
+    for li, name in enumerate(names):
+        sel = chosen[layer[chosen] == li]
+        r_idx = torch.sort(local[sel[row[sel]]]).values
+        c_idx = torch.sort(local[sel[~row[sel]]]).values
+        result[name] = (r_idx, c_idx)
+    return result
+
+
+def linear_schedule(shot: int, n_shots: int, final: float) -> float:
+    """Target of shot ``shot`` (1-based) of ``n_shots``: ``shot · final / n_shots``."""
+    if n_shots < 1 or not 1 <= shot <= n_shots:
+        raise ValueError(f"shot must be in 1..n_shots, got shot={shot}, n_shots={n_shots}")
+    return final * shot / n_shots
+
+
+def shot_targets(n_shots: int, final: float) -> list[float]:
+    """All targets of the linear schedule: ``[final·1/T, final·2/T, …, final]``."""
+    return [linear_schedule(t, n_shots, final) for t in range(1, n_shots + 1)]
+
+
+def target_count(total: int, fraction: float) -> int:
+    """Parameters to remove for a sparsity ``fraction`` of ``total`` (nearest integer)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"sparsity fraction must be in [0, 1], got {fraction}")
+    return round(fraction * total)

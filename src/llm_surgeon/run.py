@@ -1,0 +1,429 @@
+"""The multi-shot driver: schedule, shots, progress, report assembly, atomic output.
+
+One shot of a global method (surgeon, K-OBD, L-OBD, magnitude):
+
+    curvature on the current model ──► costs of every candidate in every layer
+        ──► one global threshold reaching the shot's target ──► updates (or zeroing)
+
+Shot t of T reaches the target t·α/T (linear schedule); what was removed stays removed: removed
+weights are exactly zero, so they cost nothing, are always re-selected, and the surgeon's
+correlated update keeps them at zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import platform
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from llm_surgeon.curvature.kfac import FISHER_KINDS, collect_activations, collect_kfac
+from llm_surgeon.data.corpora import load_text
+from llm_surgeon.data.windows import calibration_windows, tokenize
+from llm_surgeon.errors import UserError
+from llm_surgeon.evaluate.runner import check_seqlen, evaluate_loaded
+from llm_surgeon.methods import threshold
+from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure, parse_structure
+from llm_surgeon.methods.registry import get_method
+from llm_surgeon.models.layouts import TargetLinear, decoder_linears
+from llm_surgeon.models.load import cache_dir, load_model, save_atomically
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneConfig:
+    """Every setting of a prune run; recorded verbatim in the report."""
+
+    model: str = "smollm2-135m"
+    method: str = "surgeon"
+    structure: str = "unstructured"
+    sparsity: float | None = None  # None: 0.5, or 1 - N/M for N:M
+    shots: int = 5
+    calib_data: str = "sotu"
+    calib_samples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    eval_data: str = "sotu"
+    eval_windows: int = 64
+    eval: bool = True
+    eval_every_shot: bool = False
+    fisher: str = "empirical"
+    damp_g: float = 0.01
+    damp_a: float = 0.01
+    max_correlate: int = 256
+    batch_size: int = 1
+    lowrank_rank: int = 0
+    lowrank_steps: int = 0
+    lowrank_lr: float = 1e-4
+    dtype: str = "float32"
+    device: str = "cpu"
+    output: str | None = None
+
+    def validate(self) -> Structure:
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise UserError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.shots < 1:
+            raise UserError(f"--shots must be a positive integer, got {self.shots}")
+        if self.calib_samples < 1:
+            raise UserError(f"--calib-samples must be positive, got {self.calib_samples}")
+        if self.fisher not in FISHER_KINDS:
+            raise UserError(f"--fisher must be one of {', '.join(FISHER_KINDS)}")
+        for name in ("damp_g", "damp_a"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be non-negative")
+        method = get_method(self.method)
+        structure = parse_structure(self.structure)
+        if (
+            structure.kind == "nm"
+            and self.sparsity is not None
+            and not math.isclose(self.sparsity, structure.nm_sparsity)
+        ):
+            raise UserError(
+                f"--structure {structure} fixes the sparsity at {structure.nm_sparsity:g}; "
+                f"omit --sparsity or pass {structure.nm_sparsity:g}"
+            )
+        if structure.kind not in method.structures:
+            raise UserError(
+                f"method {self.method!r} does not support --structure {structure} "
+                f"(supports: {', '.join(method.structures)})"
+            )
+        return structure
+
+
+# ---- small helpers ------------------------------------------------------------------------
+
+
+def augmented_weight(t: TargetLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W with the bias appended as the last column (the bias is pruned with its row)."""
+    W = t.module.weight.detach().to(dtype)
+    if t.module.bias is None:
+        return W.clone()
+    return torch.cat([W, t.module.bias.detach().to(dtype)[:, None]], dim=1)
+
+
+@torch.no_grad()
+def write_augmented(t: TargetLinear, W_aug: torch.Tensor) -> None:
+    inp = t.module.in_features
+    t.module.weight.copy_(W_aug[:, :inp].to(t.module.weight.dtype))
+    if t.module.bias is not None:
+        t.module.bias.copy_(W_aug[:, inp].to(t.module.bias.dtype))
+
+
+def layer_sparsity(t: TargetLinear) -> tuple[int, int]:
+    """(zeros, total) over the weight and bias of one linear."""
+    zeros = total = 0
+    for p in (t.module.weight, t.module.bias):
+        if p is not None:
+            zeros += int((p.detach() == 0).sum())
+            total += p.numel()
+    return zeros, total
+
+
+def overall_sparsity(targets: list[TargetLinear]) -> float:
+    z = n = 0
+    for t in targets:
+        a, b = layer_sparsity(t)
+        z += a
+        n += b
+    return z / n
+
+
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class PhaseTimer:
+    """Wall time and peak resident memory per named phase."""
+
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        _reset_peak_rss()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            entry = self.phases.setdefault(name, {"time_s": 0.0, "peak_rss_mb": 0.0})
+            entry["time_s"] += time.perf_counter() - start
+            entry["peak_rss_mb"] = max(entry["peak_rss_mb"], _peak_rss_mb())
+
+
+# ---- one shot -----------------------------------------------------------------------------
+
+
+def estimate_curvature(
+    model: Any,
+    targets: list[TargetLinear],
+    kind: str,
+    windows: torch.Tensor,
+    cfg: PruneConfig,
+    shot: int,
+    progress: bool,
+) -> dict[str, Curvature]:
+    if kind == "none":
+        return {t.name: Curvature() for t in targets}
+    if kind == "activations":
+        A = collect_activations(
+            model,
+            targets,
+            windows,
+            cfg.batch_size,
+            progress=progress,
+            desc=f"shot {shot}: activations A",
+        )
+        return {name: Curvature(A=a) for name, a in A.items()}
+    factors = collect_kfac(
+        model,
+        targets,
+        windows,
+        fisher=cfg.fisher,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed + shot,
+        progress=progress,
+        desc=f"shot {shot}: curvature G⊗A",
+    )
+    return {name: Curvature(A=f.A, G=f.G) for name, f in factors.items()}
+
+
+def select_removals(
+    costs: dict[str, Costs],
+    targets: list[TargetLinear],
+    weights: dict[str, torch.Tensor],
+    structure: Structure,
+    target_sparsity: float,
+    total: int,
+) -> dict[str, Removal]:
+    """One global threshold over every layer's candidates → each layer's removal."""
+    n_remove = threshold.target_count(total, target_sparsity)
+    if structure.kind == "rows-columns":
+        shapes = {t.name: tuple(weights[t.name].shape) for t in targets}
+        picked = threshold.select_rows_columns(
+            {k: (c.rows, c.cols) for k, c in costs.items()}, shapes, n_remove
+        )
+        return {k: Removal(rows=r, cols=c) for k, (r, c) in picked.items()}
+    elem = {k: c.elements for k, c in costs.items()}
+    if structure.kind == "nm":
+        elem = {
+            t.name: threshold.nm_eligible_costs(
+                elem[t.name], structure.n, structure.m, groupable=t.module.in_features
+            )
+            for t in targets
+        }
+    masks = threshold.global_masks(elem, n_remove)
+    return {k: Removal(mask=m) for k, m in masks.items()}
+
+
+def run_shot(
+    model: Any,
+    targets: list[TargetLinear],
+    method: Any,
+    structure: Structure,
+    target_sparsity: float,
+    windows: torch.Tensor,
+    cfg: PruneConfig,
+    shot: int,
+    timer: PhaseTimer,
+    progress: bool,
+) -> None:
+    with timer("curvature"):
+        curv = estimate_curvature(model, targets, method.curvature, windows, cfg, shot, progress)
+    total = sum(layer_sparsity(t)[1] for t in targets)
+    weights: dict[str, torch.Tensor] = {}
+    costs: dict[str, Costs] = {}
+    with timer("costs"):
+        for t in tqdm(targets, desc=f"shot {shot}: costs", leave=False, disable=not progress):
+            weights[t.name] = augmented_weight(t)
+            if hasattr(method, "prepare"):
+                try:
+                    method.prepare(curv[t.name], cfg.damp_g, cfg.damp_a, name=t.name)
+                except ValueError as exc:
+                    raise UserError(
+                        f"curvature of {t.name} is unusable ({exc}); try more "
+                        "damping (--damp-g/--damp-a) or more calibration data"
+                    ) from None
+            costs[t.name] = method.costs(weights[t.name], curv[t.name], structure)
+    with timer("threshold"):
+        removals = select_removals(costs, targets, weights, structure, target_sparsity, total)
+    del costs
+    with timer("update"):
+        for t in tqdm(targets, desc=f"shot {shot}: updates", leave=False, disable=not progress):
+            W_new = method.apply(weights[t.name], curv[t.name], removals[t.name], structure)
+            write_augmented(t, W_new)
+            curv[t.name] = Curvature()  # free memory as we go
+            del weights[t.name]
+
+
+# ---- the whole run ------------------------------------------------------------------------
+
+
+def layer_report(targets: list[TargetLinear]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    layers = []
+    by_type: dict[str, list[int]] = {}
+    for t in targets:
+        z, n = layer_sparsity(t)
+        layers.append(
+            {"name": t.name, "type": t.type, "layer": t.layer_index, "sparsity": z / n, "params": n}
+        )
+        acc = by_type.setdefault(t.type, [0, 0])
+        acc[0] += z
+        acc[1] += n
+    return layers, {k: z / n for k, (z, n) in by_type.items()}
+
+
+def prune(
+    cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = None
+) -> dict[str, Any]:
+    """Run a whole pruning job; return the report (and save the model if ``cfg.output``).
+
+    ``dense_ppl``: the dense model's perplexity under the same evaluation settings when already
+    known (the bench shares it between runs), so it is not measured again.
+    """
+    structure = cfg.validate()
+    method = get_method(cfg.method)
+    out_dir = Path(cfg.output) if cfg.output else None
+    if (
+        out_dir is not None
+        and out_dir.exists()
+        and any(out_dir.iterdir())
+        and not (out_dir / "report.json").is_file()
+    ):
+        raise UserError(
+            f"--output {out_dir} exists and is not an llm-surgeon output; choose a new folder"
+        )
+    torch.manual_seed(cfg.seed)
+    timer = PhaseTimer()
+    calib_text = load_text(cfg.calib_data, "train")
+    eval_text = load_text(cfg.eval_data, "test") if cfg.eval else None
+    with timer("load"):
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    check_seqlen(model, cfg.seqlen)
+    targets = decoder_linears(model)
+    if structure.kind == "nm":
+        for t in targets:
+            if t.module.in_features % structure.m:
+                raise UserError(
+                    f"--structure {structure}: M={structure.m} does not divide the "
+                    f"input width {t.module.in_features} of {t.name}"
+                )
+    ids = tokenize(tokenizer, calib_text, cache=cache_dir() / "tokens")
+    windows = calibration_windows(ids, cfg.calib_samples, cfg.seqlen, seed=cfg.seed)
+
+    def evaluate(desc: str) -> float | None:
+        if not cfg.eval:
+            return None
+        with timer("eval"):
+            return evaluate_loaded(
+                model,
+                tokenizer,
+                cfg.eval_data,
+                cfg.seqlen,
+                cfg.eval_windows,
+                progress=progress,
+                desc=desc,
+                text=eval_text,
+            )["ppl"]
+
+    report: dict[str, Any] = {
+        "method": cfg.method,
+        "structure": str(structure),
+        "sparsity_target": structure.nm_sparsity
+        if structure.kind == "nm"
+        else (0.5 if cfg.sparsity is None else cfg.sparsity),
+        "settings": asdict(cfg),
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
+    }
+    report["ppl_dense"] = (
+        dense_ppl if dense_ppl is not None and cfg.eval else evaluate("dense perplexity")
+    )
+    target = report["sparsity_target"]
+    shots = []
+    start = time.perf_counter()
+    for shot in tqdm(range(1, cfg.shots + 1), desc=f"{cfg.method} shots", disable=not progress):
+        t0 = time.perf_counter()
+        before = dict(timer.phases)
+        before = {k: dict(v) for k, v in before.items()}
+        shot_target = threshold.linear_schedule(shot, cfg.shots, target)
+        run_shot(
+            model, targets, method, structure, shot_target, windows, cfg, shot, timer, progress
+        )
+        if cfg.lowrank_rank > 0 and cfg.lowrank_steps > 0 and shot < cfg.shots:
+            from llm_surgeon.methods.lowrank import first_order_correction
+
+            with timer("lowrank"):
+                first_order_correction(
+                    model,
+                    targets,
+                    windows,
+                    rank=cfg.lowrank_rank,
+                    steps=cfg.lowrank_steps,
+                    lr=cfg.lowrank_lr,
+                    seed=cfg.seed + shot,
+                    progress=progress,
+                )
+        entry: dict[str, Any] = {
+            "shot": shot,
+            "sparsity_target": shot_target,
+            "sparsity_achieved": overall_sparsity(targets),
+            "time_s": time.perf_counter() - t0,
+            "phases": {
+                k: {
+                    "time_s": v["time_s"] - before.get(k, {}).get("time_s", 0.0),
+                    "peak_rss_mb": v["peak_rss_mb"],
+                }
+                for k, v in timer.phases.items()
+                if k != "eval"
+            },
+        }
+        if cfg.eval_every_shot and shot < cfg.shots:
+            entry["ppl"] = evaluate(f"shot {shot} perplexity")
+        shots.append(entry)
+    report["prune_time_s"] = time.perf_counter() - start
+    report["ppl"] = evaluate("pruned perplexity")
+    if shots and cfg.eval_every_shot:
+        shots[-1]["ppl"] = report["ppl"]
+    report["sparsity_achieved"] = overall_sparsity(targets)
+    report["shots"] = shots
+    report["layers"], report["sparsity_by_type"] = layer_report(targets)
+    report["phases"] = timer.phases
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if out_dir is not None:
+        save_atomically(
+            model,
+            tokenizer,
+            out_dir,
+            extra_files={"report.json": json.dumps(report, indent=2) + "\n"},
+        )
+    report["_model"] = model  # in-memory handle for callers (dropped before serialising)
+    return report
+
+
+def strip_private(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if not k.startswith("_")}
