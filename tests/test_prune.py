@@ -10,9 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_surgeon.cli import main
+from llm_surgeon.config import PruneConfig
 from llm_surgeon.methods.surgeon import assert_nm
 from llm_surgeon.models.layouts import decoder_linears
-from llm_surgeon.run import PruneConfig, augmented_weight, prune
+from llm_surgeon.run import augmented_weight, prune
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import platform
 import resource
 import time
@@ -27,78 +26,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from llm_surgeon.curvature.kfac import FISHER_KINDS, collect_activations, collect_kfac
+from llm_surgeon.config import PruneConfig
+from llm_surgeon.curvature.kfac import collect_activations, collect_kfac, nearest_kronecker
 from llm_surgeon.data.corpora import load_text
 from llm_surgeon.data.windows import calibration_windows, tokenize
 from llm_surgeon.errors import UserError
 from llm_surgeon.evaluate.runner import check_seqlen, evaluate_loaded
 from llm_surgeon.methods import threshold
-from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure, parse_structure
+from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure
 from llm_surgeon.methods.registry import get_method
 from llm_surgeon.models.layouts import TargetLinear, decoder_linears
 from llm_surgeon.models.load import cache_dir, load_model, save_atomically
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PruneConfig:
-    """Every setting of a prune run; recorded verbatim in the report."""
-
-    model: str = "smollm2-135m"
-    method: str = "surgeon"
-    structure: str = "unstructured"
-    sparsity: float | None = None  # None: 0.5, or 1 - N/M for N:M
-    shots: int = 5
-    calib_data: str = "sotu"
-    calib_samples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    eval_data: str = "sotu"
-    eval_windows: int = 64
-    eval: bool = True
-    eval_every_shot: bool = False
-    fisher: str = "empirical"
-    damp_g: float = 0.01
-    damp_a: float = 0.01
-    max_correlate: int = 256
-    batch_size: int = 1
-    lowrank_rank: int = 0
-    lowrank_steps: int = 0
-    lowrank_lr: float = 1e-4
-    dtype: str = "float32"
-    device: str = "cpu"
-    output: str | None = None
-
-    def validate(self) -> Structure:
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-            raise UserError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        if self.shots < 1:
-            raise UserError(f"--shots must be a positive integer, got {self.shots}")
-        if self.calib_samples < 1:
-            raise UserError(f"--calib-samples must be positive, got {self.calib_samples}")
-        if self.fisher not in FISHER_KINDS:
-            raise UserError(f"--fisher must be one of {', '.join(FISHER_KINDS)}")
-        for name in ("damp_g", "damp_a"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be non-negative")
-        method = get_method(self.method)
-        structure = parse_structure(self.structure)
-        if (
-            structure.kind == "nm"
-            and self.sparsity is not None
-            and not math.isclose(self.sparsity, structure.nm_sparsity)
-        ):
-            raise UserError(
-                f"--structure {structure} fixes the sparsity at {structure.nm_sparsity:g}; "
-                f"omit --sparsity or pass {structure.nm_sparsity:g}"
-            )
-        if structure.kind not in method.structures:
-            raise UserError(
-                f"method {self.method!r} does not support --structure {structure} "
-                f"(supports: {', '.join(method.structures)})"
-            )
-        return structure
 
 
 # ---- small helpers ------------------------------------------------------------------------
@@ -206,6 +146,9 @@ def estimate_curvature(
         progress=progress,
         desc=f"shot {shot}: curvature G⊗A",
     )
+    if cfg.nearest_kronecker > 0:
+        factors = nearest_kronecker(model, targets, windows, factors, cfg.nearest_kronecker,
+                                    fisher=cfg.fisher, seed=cfg.seed + shot, progress=progress)
     return {name: Curvature(A=f.A, G=f.G) for name, f in factors.items()}
 
 
@@ -277,6 +220,27 @@ def run_shot(
             del weights[t.name]
 
 
+def plain_forward_backward_time(
+    model: Any, windows: torch.Tensor, batch_size: int, progress: bool
+) -> float:
+    """Seconds of one ordinary forward + backward pass (``loss.backward()`` with parameter
+    gradients) of the model over the calibration windows: the yardstick of a shot's cost."""
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    for i in tqdm(
+        range(0, windows.shape[0], batch_size),
+        desc="plain forward+backward",
+        leave=False,
+        disable=not progress,
+    ):
+        batch = windows[i : i + batch_size].to(device)
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    elapsed = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return elapsed
+
+
 # ---- the whole run ------------------------------------------------------------------------
 
 
@@ -303,7 +267,7 @@ def prune(
     known (the bench shares it between runs), so it is not measured again.
     """
     structure = cfg.validate()
-    method = get_method(cfg.method)
+    method = get_method(cfg.method, cfg)
     out_dir = Path(cfg.output) if cfg.output else None
     if (
         out_dir is not None
@@ -363,6 +327,10 @@ def prune(
     report["ppl_dense"] = (
         dense_ppl if dense_ppl is not None and cfg.eval else evaluate("dense perplexity")
     )
+    if cfg.time_plain_pass:
+        report["plain_fwd_bwd_s"] = plain_forward_backward_time(
+            model, windows, cfg.batch_size, progress
+        )
     target = report["sparsity_target"]
     shots = []
     start = time.perf_counter()
@@ -406,6 +374,11 @@ def prune(
             entry["ppl"] = evaluate(f"shot {shot} perplexity")
         shots.append(entry)
     report["prune_time_s"] = time.perf_counter() - start
+    if cfg.time_plain_pass and shots:
+        pruning = ("curvature", "costs", "threshold", "update")
+        first = sum(shots[0]["phases"].get(k, {}).get("time_s", 0.0) for k in pruning)
+        report["shot_time_s"] = first
+        report["shot_cost_ratio"] = first / report["plain_fwd_bwd_s"]
     report["ppl"] = evaluate("pruned perplexity")
     if shots and cfg.eval_every_shot:
         shots[-1]["ppl"] = report["ppl"]

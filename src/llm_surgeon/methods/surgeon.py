@@ -805,10 +805,11 @@ class SurgeonMethod:
     updates = True
     structures = ("unstructured", "nm", "rows-columns")
 
-    def __init__(self, rtol_loss: float = 1e-3, compute_dtype: torch.dtype = torch.float32
-                 ) -> None:
+    def __init__(self, rtol_loss: float = 1e-3, compute_dtype: torch.dtype = torch.float32,
+                 max_correlate: int = 256) -> None:
         self.rtol_loss = rtol_loss
         self.compute_dtype = compute_dtype
+        self.max_correlate = max_correlate
 
     def prepare(self, curv, damp_g: float, damp_a: float, name: str = "layer") -> None:
         if curv.G is None or curv.A is None:
@@ -832,10 +833,10 @@ class SurgeonMethod:
         W = W.to(self.compute_dtype)
         if removal.mask is not None:
             return prune_unstructured(W, curv.G, curv.A, removal.mask, Ginv=curv.Ginv,
-                                      Ainv=curv.Ainv, rtol_loss=self.rtol_loss).weight
+                                      Ainv=curv.Ainv, rtol_loss=self.rtol_loss,
+                                      max_correlate=self.max_correlate).weight
         new, _ = prune_structured(W, curv.G, curv.A, curv.Ginv, curv.Ainv, removal.rows,
                                   removal.cols)
         return new
 
 
-SURGEON = SurgeonMethod()

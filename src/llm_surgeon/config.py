@@ -1,0 +1,78 @@
+"""Every setting of a prune run, in one light dataclass (no torch import), so that the command
+line takes its defaults from here and the report records them verbatim."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from llm_surgeon.errors import UserError
+
+FISHER_KINDS = ("empirical", "sampled")
+
+
+@dataclass
+class PruneConfig:
+    """Every setting of a prune run; recorded verbatim in the report."""
+
+    model: str = "smollm2-135m"
+    method: str = "surgeon"
+    structure: str = "unstructured"
+    sparsity: float | None = None  # None: 0.5, or 1 - N/M for N:M
+    shots: int = 5
+    calib_data: str = "sotu"
+    calib_samples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    eval_data: str = "sotu"
+    eval_windows: int = 64
+    eval: bool = True
+    eval_every_shot: bool = False
+    fisher: str = "empirical"
+    nearest_kronecker: int = 0  # power iterations of the nearest-Kronecker estimate (0: K-FAC)
+    damp_g: float = 0.1
+    damp_a: float = 0.01
+    max_correlate: int = 256
+    batch_size: int = 1
+    lowrank_rank: int = 0
+    lowrank_steps: int = 0
+    lowrank_lr: float = 1e-4
+    dtype: str = "float32"
+    device: str = "cpu"
+    output: str | None = None
+    time_plain_pass: bool = False
+
+    def validate(self):
+        from llm_surgeon.methods.base import parse_structure
+        from llm_surgeon.methods.registry import get_method
+
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise UserError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.shots < 1:
+            raise UserError(f"--shots must be a positive integer, got {self.shots}")
+        if self.calib_samples < 1:
+            raise UserError(f"--calib-samples must be positive, got {self.calib_samples}")
+        if self.nearest_kronecker < 0:
+            raise UserError("--nearest-kronecker must be a non-negative number of iterations")
+        if self.fisher not in FISHER_KINDS:
+            raise UserError(f"--fisher must be one of {', '.join(FISHER_KINDS)}")
+        for name in ("damp_g", "damp_a"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be non-negative")
+        method = get_method(self.method)
+        structure = parse_structure(self.structure)
+        if (
+            structure.kind == "nm"
+            and self.sparsity is not None
+            and not math.isclose(self.sparsity, structure.nm_sparsity)
+        ):
+            raise UserError(
+                f"--structure {structure} fixes the sparsity at {structure.nm_sparsity:g}; "
+                f"omit --sparsity or pass {structure.nm_sparsity:g}"
+            )
+        if structure.kind not in method.structures:
+            raise UserError(
+                f"method {self.method!r} does not support --structure {structure} "
+                f"(supports: {', '.join(method.structures)})"
+            )
+        return structure
