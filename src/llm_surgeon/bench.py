@@ -99,8 +99,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def bench(
-    config: dict[str, Any], output: str | Path, progress: bool = True
+    config: dict[str, Any], output: str | Path, progress: bool = True, run_missing: bool = True
 ) -> list[dict[str, Any]]:
+    """Run (or, with ``run_missing=False``, only tabulate) the matrix; returns finished runs."""
     out = Path(output)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs = expand_runs(config)
@@ -117,6 +118,8 @@ def bench(
             result = json.loads(path.read_text())
             if progress:
                 print(f"[bench] {rid}: done earlier (ppl {result.get('ppl')})")
+        elif not run_missing:
+            continue
         else:
             if progress:
                 print(f"[bench] {rid}: running")
@@ -132,7 +135,7 @@ def bench(
             _write_atomic(path, json.dumps(report, indent=2) + "\n")
             result = report
         rows.append(result)
-    write_results(rows, out)
+        write_results(rows, out)  # after every run, so a long matrix can be watched
     return rows
 
 
@@ -158,7 +161,7 @@ def write_results(results: list[dict[str, Any]], out: Path) -> None:
     writer.writerows(rows)
     _write_atomic(out / "results.csv", buf.getvalue())
     _write_atomic(out / "results.json", json.dumps(rows, indent=2) + "\n")
-    _write_atomic(out / "results.md", markdown_table(rows))
+    _write_atomic(out / "results.md", markdown_table(rows) + timing_table(results))
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -176,4 +179,24 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{r['sparsity_achieved']:.4f} | {r['shots']} | {_fmt(r['ppl'], '.2f')} | "
             f"{_fmt(r['time_s'], '.0f')} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def timing_table(results: list[dict[str, Any]]) -> str:
+    """The cost of one shot against one plain forward+backward pass, for runs that timed it."""
+    timed = [r for r in results if r.get("shot_cost_ratio") is not None]
+    if not timed:
+        return ""
+    phases = ("curvature", "costs", "threshold", "update")
+    lines = ["", "Cost of the first shot, in one run, against one plain forward+backward pass "
+             "(`loss.backward()` with parameter gradients) over the same calibration set:", "",
+             "| run | plain fwd+bwd (s) | shot (s) | ratio | "
+             + " | ".join(f"{p} (s)" for p in phases) + " |",
+             "|---|---|---|---|" + "---|" * len(phases)]
+    for r in timed:
+        ph = r["shots"][0]["phases"]
+        lines.append(f"| {r['id']} | {r['plain_fwd_bwd_s']:.1f} | {r['shot_time_s']:.1f} | "
+                     f"{r['shot_cost_ratio']:.2f} | "
+                     + " | ".join(f"{ph.get(p, {}).get('time_s', 0.0):.1f}" for p in phases)
+                     + " |")
     return "\n".join(lines) + "\n"

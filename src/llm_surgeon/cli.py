@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--config", required=True, metavar="FILE", help="YAML matrix (see bench/)")
     be.add_argument("--output", required=True, metavar="DIR", help="results folder")
+    be.add_argument("--tabulate-only", action="store_true",
+                    help="only tabulate the runs finished so far; run nothing")
     be.set_defaults(func=cmd_bench)
     return parser
 
@@ -391,7 +393,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from llm_surgeon.bench import bench, load_config, markdown_table, summary_row
 
-    rows = bench(load_config(args.config), args.output, progress=not args.quiet)
+    rows = bench(load_config(args.config), args.output, progress=not args.quiet,
+                 run_missing=not args.tabulate_only)
     print(markdown_table([summary_row(r) for r in rows]), end="")
     return 0
 
