@@ -140,3 +140,12 @@ def trained_tiny_dir(tmp_path_factory, tiny_tok) -> Path:
     model.save_pretrained(d)
     tiny_tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny matmuls: one intra-op thread avoids OpenMP contention on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -40,14 +40,6 @@ SEQLEN = 12
 RTOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP contention on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _model(family: str):
     return tiny_model(family).double()

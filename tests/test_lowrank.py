@@ -17,14 +17,6 @@ STEPS = 8
 LR = 1e-2
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP contention on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _windows(n: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

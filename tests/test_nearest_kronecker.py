@@ -10,14 +10,6 @@ from llm_surgeon.models.layouts import decoder_linears
 from tests.conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _per_window_gradients(model, target, windows):
     """D_n: the gradient of window n's summed next-token loss w.r.t. [W | b], by autograd."""
     grads = []

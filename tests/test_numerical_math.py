@@ -17,14 +17,6 @@ from llm_surgeon.methods.numerical import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP contention on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _problem(seed: int = 0, out: int = 6, D: int = 16, n: int = 90):
     g = torch.Generator().manual_seed(seed)

@@ -16,14 +16,6 @@ from llm_surgeon.models.layouts import decoder_linears
 from llm_surgeon.run import augmented_weight, prune
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(model_dir, text, **kw) -> PruneConfig:
     base = dict(
         model=str(model_dir),
@@ -195,3 +187,17 @@ def test_bad_prune_input(capsys, tiny_model_dirs, sample_text_file, tmp_path, ex
     assert fragment in lines[0]
     assert not out.exists()
     assert not list(tmp_path.glob(".out*"))
+
+
+def test_lowrank_correction_and_per_shot_perplexity(trained_tiny_dir, sample_text_file):
+    """Between shots the masked low-rank correction runs; zeros stay zero; every shot reports
+    its perplexity with --eval-every-shot."""
+    report = prune(_cfg(trained_tiny_dir, sample_text_file, method="surgeon", sparsity=0.5,
+                        shots=3, lowrank_rank=2, lowrank_steps=5, lowrank_lr=1e-3,
+                        eval_every_shot=True, eval_windows=2), progress=False)
+    assert abs(report["sparsity_achieved"] - 0.5) <= 0.005
+    assert [s["sparsity_achieved"] for s in report["shots"]] == pytest.approx(
+        [1 / 6, 2 / 6, 3 / 6], abs=0.005)
+    assert all(s["ppl"] > 0 for s in report["shots"])
+    assert report["shots"][-1]["ppl"] == report["ppl"]
+    assert "lowrank" in report["phases"]

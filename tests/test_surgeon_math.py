@@ -20,14 +20,6 @@ F64 = torch.float64
 RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP contention on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _spd(n: int, g: torch.Generator, ridge: float = 0.2) -> torch.Tensor:
     M = torch.randn(n, 2 * n, generator=g, dtype=F64)

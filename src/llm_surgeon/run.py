@@ -165,7 +165,7 @@ def select_removals(
     if structure.kind == "rows-columns":
         shapes = {t.name: tuple(weights[t.name].shape) for t in targets}
         picked = threshold.select_rows_columns(
-            {k: (c.rows, c.cols) for k, c in costs.items()}, shapes, n_remove
+            {k: (c.rows, c.cols) for k, c in costs.items()}, shapes, n_remove, per_param=True
         )
         return {k: Removal(rows=r, cols=c) for k, (r, c) in picked.items()}
     elem = {k: c.elements for k, c in costs.items()}
