@@ -40,9 +40,11 @@ def test_unstructured_reaches_global_sparsity(tiny_model_dirs, sample_text_file,
         _cfg(tiny_model_dirs[family], sample_text_file, method=method, sparsity=0.5), progress=False
     )
     assert abs(report["sparsity_achieved"] - 0.5) <= 0.005
-    # one global threshold: layers end up with different sparsities
     per_layer = [entry["sparsity"] for entry in report["layers"]]
-    assert max(per_layer) - min(per_layer) > 0.02
+    if method == "l-obd":  # layer-wise allocation: every layer loses the target fraction
+        assert max(abs(x - 0.5) for x in per_layer) < 0.005
+    else:  # one global threshold: layers end up with different sparsities
+        assert max(per_layer) - min(per_layer) > 0.02
     assert [s["sparsity_target"] for s in report["shots"]] == [0.25, 0.5]
     assert report["ppl"] > 0 and report["ppl_dense"] > 0
 

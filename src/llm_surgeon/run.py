@@ -147,8 +147,16 @@ def estimate_curvature(
         desc=f"shot {shot}: curvature G⊗A",
     )
     if cfg.nearest_kronecker > 0:
-        factors = nearest_kronecker(model, targets, windows, factors, cfg.nearest_kronecker,
-                                    fisher=cfg.fisher, seed=cfg.seed + shot, progress=progress)
+        factors = nearest_kronecker(
+            model,
+            targets,
+            windows,
+            factors,
+            cfg.nearest_kronecker,
+            fisher=cfg.fisher,
+            seed=cfg.seed + shot,
+            progress=progress,
+        )
     return {name: Curvature(A=f.A, G=f.G) for name, f in factors.items()}
 
 
@@ -159,9 +167,46 @@ def select_removals(
     structure: Structure,
     target_sparsity: float,
     total: int,
+    method_allocation: Any = None,
 ) -> dict[str, Removal]:
-    """One global threshold over every layer's candidates → each layer's removal."""
-    n_remove = threshold.target_count(total, target_sparsity)
+    """One global threshold over every layer's candidates → each layer's removal.
+
+    Methods whose costs share no scale across layers (``allocation == "layer"``, e.g. L-OBD:
+    I ⊗ A is a layer-wise reconstruction error) apply the threshold within each layer instead,
+    so that every layer loses the target fraction.
+    """
+    if getattr(method_allocation, "allocation", "global") == "layer" and len(targets) > 1:
+        # Each layer gets the target fraction; what a coarse layer (whole rows and columns)
+        # cannot take exactly is carried over to the next, so the total stays on target.
+        removals: dict[str, Removal] = {}
+        seen = removed = 0
+        for t in targets:
+            seen += int(weights[t.name].numel())
+            want = threshold.target_count(seen, target_sparsity) - removed
+            part = _select({t.name: costs[t.name]}, [t], weights, structure, want)
+            removals.update(part)
+            removed += _removed_count(part[t.name], weights[t.name].shape)
+        return removals
+    return _select(
+        costs, targets, weights, structure, threshold.target_count(total, target_sparsity)
+    )
+
+
+def _removed_count(removal: Removal, shape: torch.Size) -> int:
+    if removal.mask is not None:
+        return int(removal.mask.sum())
+    r = 0 if removal.rows is None else removal.rows.numel()
+    c = 0 if removal.cols is None else removal.cols.numel()
+    return r * shape[1] + c * shape[0] - r * c
+
+
+def _select(
+    costs: dict[str, Costs],
+    targets: list[TargetLinear],
+    weights: dict[str, torch.Tensor],
+    structure: Structure,
+    n_remove: int,
+) -> dict[str, Removal]:
     if structure.kind == "rows-columns":
         shapes = {t.name: tuple(weights[t.name].shape) for t in targets}
         picked = threshold.select_rows_columns(
@@ -210,7 +255,9 @@ def run_shot(
                     ) from None
             costs[t.name] = method.costs(weights[t.name], curv[t.name], structure)
     with timer("threshold"):
-        removals = select_removals(costs, targets, weights, structure, target_sparsity, total)
+        removals = select_removals(
+            costs, targets, weights, structure, target_sparsity, total, method_allocation=method
+        )
     del costs
     with timer("update"):
         for t in tqdm(targets, desc=f"shot {shot}: updates", leave=False, disable=not progress):
@@ -367,7 +414,7 @@ def prune(
                     "peak_rss_mb": v["peak_rss_mb"],
                 }
                 for k, v in timer.phases.items()
-                if k != "eval"
+                if k not in ("eval", "load")
             },
         }
         if cfg.eval_every_shot and shot < cfg.shots:

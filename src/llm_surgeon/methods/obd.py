@@ -55,11 +55,15 @@ class ZeroingMethod:
     updates = False
     structures = ("unstructured", "nm", "rows-columns")
 
-    def __init__(self, name: str, curvature: str, use_A: bool, use_G: bool) -> None:
+    def __init__(self, name: str, curvature: str, use_A: bool, use_G: bool,
+                 allocation: str = "global") -> None:
         self.name = name
         self.curvature = curvature
         self.use_A = use_A
         self.use_G = use_G
+        # "global": one threshold over all layers; "layer": every layer loses the target
+        # fraction (a curvature without G has no common scale across layers)
+        self.allocation = allocation
 
     def costs(self, W: torch.Tensor, curv: Curvature, structure: Structure) -> Costs:
         G = curv.G if self.use_G else None
@@ -87,5 +91,5 @@ def zero_removed(W: torch.Tensor, removal: Removal) -> torch.Tensor:
 
 
 MAGNITUDE = ZeroingMethod("magnitude", "none", use_A=False, use_G=False)
-L_OBD = ZeroingMethod("l-obd", "activations", use_A=True, use_G=False)
+L_OBD = ZeroingMethod("l-obd", "activations", use_A=True, use_G=False, allocation="layer")
 K_OBD = ZeroingMethod("k-obd", "kfac", use_A=True, use_G=True)
