@@ -20,7 +20,8 @@ Plumbing notes (the math lives in :mod:`llm_surgeon.methods.surgeon`):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,9 +168,46 @@ def next_token_loss(
     )
 
 
-def _batches(windows: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
+def _batches(
+    windows: torch.Tensor, batch_size: int, desc: str, progress: bool, device: torch.device
+) -> Iterable[torch.Tensor]:
+    """The windows in batches, on ``device``, with a progress bar."""
+    bar = tqdm(
+        total=windows.shape[0],
+        desc=desc,
+        unit="seq",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
     for start in range(0, windows.shape[0], batch_size):
-        yield windows[start : start + batch_size]
+        batch = windows[start : start + batch_size].to(device)
+        yield batch
+        bar.update(batch.shape[0])
+    bar.close()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module, activation_grads: bool = False) -> Iterator[None]:
+    """Eval mode (no dropout) for calibration statistics; with ``activation_grads``, parameters
+    frozen and the embedding output made to require grad, so a backward computes activation
+    gradients only. Everything is restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    hook = None
+    if activation_grads:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        hook = _embedding_requires_grad(model)
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def collect_kfac(
@@ -189,38 +227,18 @@ def collect_kfac(
     col = _Collector(targets, dtype)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed) if fisher == "sampled" else None
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
     col.attach()
-    emb_hook = _embedding_requires_grad(model)
     try:
-        bar = tqdm(
-            total=windows.shape[0],
-            desc=desc,
-            unit="seq",
-            disable=not progress,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for batch in _batches(windows, batch_size):
-            col.new_batch()
-            batch = batch.to(device)
-            with torch.enable_grad():
-                logits = model(input_ids=batch, use_cache=False).logits
-                loss = next_token_loss(logits, batch, fisher, gen)
-                del logits
-                loss.backward()
-            bar.update(batch.shape[0])
-        bar.close()
+        with _eval_mode(model, activation_grads=True):
+            for batch in _batches(windows, batch_size, desc, progress, device):
+                col.new_batch()
+                with torch.enable_grad():
+                    logits = model(input_ids=batch, use_cache=False).logits
+                    loss = next_token_loss(logits, batch, fisher, gen)
+                    del logits
+                    loss.backward()
     finally:
-        emb_hook.remove()
         col.detach()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
     out: dict[str, KroneckerFactors] = {}
     for t in targets:
         stats = col.inputs[col.input_of[t.name]]
@@ -246,26 +264,14 @@ def collect_activations(
     """A = E[ā āᵀ] only (forward passes, no gradients): what L-OBD needs."""
     col = _Collector(targets, dtype, want_G=False)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # calibration statistics without dropout, as in collect_kfac
     col.attach()
     try:
-        bar = tqdm(
-            total=windows.shape[0],
-            desc=desc,
-            unit="seq",
-            disable=not progress,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for batch in _batches(windows, batch_size):
-            col.new_batch()
-            model(input_ids=batch.to(device), use_cache=False)
-            bar.update(batch.shape[0])
-        bar.close()
+        with _eval_mode(model):  # calibration statistics without dropout, as in collect_kfac
+            for batch in _batches(windows, batch_size, desc, progress, device):
+                col.new_batch()
+                model(input_ids=batch, use_cache=False)
     finally:
         col.detach()
-        model.train(was_training)
     return {
         t.name: col.inputs[col.input_of[t.name]].second_moment(with_bias=t.has_bias)
         for t in targets
@@ -370,21 +376,14 @@ def _nkp_pass(
         return fwd
 
     handles = [t.module.register_forward_hook(make_hook(t)) for t in targets]
-    emb = _embedding_requires_grad(model)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(list(_batches(windows, 1)), desc=desc, leave=False, disable=not progress):
-            with torch.enable_grad():
-                batch = batch.to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                next_token_loss(logits, batch, fisher, gen).backward()
+        with _eval_mode(model, activation_grads=True):
+            for batch in _batches(windows, 1, desc, progress, device):
+                with torch.enable_grad():
+                    logits = model(input_ids=batch, use_cache=False).logits
+                    next_token_loss(logits, batch, fisher, gen).backward()
     finally:
-        emb.remove()
         for h in handles:
             h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
     return g_acc, a_acc, sigma
