@@ -239,7 +239,6 @@ def run_shot(
 ) -> None:
     with timer("curvature"):
         curv = estimate_curvature(model, targets, method.curvature, windows, cfg, shot, progress)
-    total = sum(layer_sparsity(t)[1] for t in targets)
     weights: dict[str, torch.Tensor] = {}
     costs: dict[str, Costs] = {}
     with timer("costs"):
@@ -254,6 +253,7 @@ def run_shot(
                         "damping (--damp-g/--damp-a) or more calibration data"
                     ) from None
             costs[t.name] = method.costs(weights[t.name], curv[t.name], structure)
+    total = sum(w.numel() for w in weights.values())  # weights and biases
     with timer("threshold"):
         removals = select_removals(
             costs, targets, weights, structure, target_sparsity, total, method_allocation=method
@@ -383,8 +383,7 @@ def prune(
     start = time.perf_counter()
     for shot in tqdm(range(1, cfg.shots + 1), desc=f"{cfg.method} shots", disable=not progress):
         t0 = time.perf_counter()
-        before = dict(timer.phases)
-        before = {k: dict(v) for k, v in before.items()}
+        before = {k: dict(v) for k, v in timer.phases.items()}
         shot_target = threshold.linear_schedule(shot, cfg.shots, target)
         run_shot(
             model, targets, method, structure, shot_target, windows, cfg, shot, timer, progress
