@@ -11,10 +11,12 @@ __version__ = "0.1.0"
 
 
 def load(path: str, **kwargs):
-    """Load a model saved by llm-surgeon (or any model spec ``--model`` accepts)."""
+    """Load a model saved by llm-surgeon (or any model spec ``--model`` accepts) as a
+    ``transformers`` model object in eval mode, including physically shrunk models whose layers
+    differ in size. Keyword arguments: ``dtype``, ``device``."""
     from llm_surgeon.models.load import load_model
 
-    model, _ = load_model(path, **kwargs)
+    model, _ = load_model(str(path), with_tokenizer=False, **kwargs)
     return model
 
 

@@ -136,6 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     _add_eval_data_args(ev)
     ev.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    ev.add_argument(
+        "--speed",
+        action="store_true",
+        help="also measure prefill and decode tokens/s (batch 1 and 8) and peak memory, each "
+        "in a fresh process, next to the baseline model in the same run",
+    )
+    ev.add_argument(
+        "--baseline",
+        metavar="MODEL",
+        help="the dense model to compare with under --speed (default: the model a pruned "
+        "folder's report.json names)",
+    )
+    ev.add_argument(
+        "--speed-rounds",
+        type=_positive_int,
+        default=3,
+        help="alternating measurement rounds, medians reported (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--threads", type=_positive_int, help="torch threads for --speed (default: torch's)"
+    )
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser(
@@ -306,6 +327,25 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
         raise
 
 
+def _print_speed(result: dict[str, Any]) -> None:
+    rows = [("prefill tok/s (b1)", "prefill_tok_s", ".1f"),
+            ("decode tok/s (b1)", "decode_tok_s_b1", ".1f"),
+            ("decode tok/s (b8)", "decode_tok_s_b8", ".1f"),
+            ("peak memory MB", "peak_mem_mb", ".0f"),
+            ("size on disk MB", "size_on_disk_mb", ".1f"),
+            ("params total", "params_total", ",")]
+    base = result.get("baseline")
+    print(f"{'':22}{'this model':>14}" + (f"{'baseline':>14}{'ratio':>8}" if base else ""))
+    for label, key, fmt in rows:
+        line = f"{label:22}{format(result[key], fmt):>14}"
+        if base:
+            line += f"{format(base[key], fmt):>14}{result[key] / base[key]:>8.2f}"
+        print(line)
+    if base:
+        print(f"baseline: {base['model']} (measured in the same run, "
+              f"{result['rounds']} alternating rounds, medians)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from llm_surgeon.evaluate.runner import evaluate_model
 
@@ -318,6 +358,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         progress=not args.quiet,
+        speed=args.speed,
+        baseline=args.baseline,
+        speed_rounds=args.speed_rounds,
+        threads=args.threads,
     )
     print(f"model                 {result['model']}")
     print(
@@ -334,6 +378,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"size on disk          {result['size_on_disk_mb']:.1f} MB"
         + (" (estimated from tensors)" if result.get("size_on_disk_estimated") else "")
     )
+    if args.speed:
+        _print_speed(result)
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")

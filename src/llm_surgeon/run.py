@@ -35,8 +35,10 @@ from llm_surgeon.evaluate.runner import check_seqlen, evaluate_loaded
 from llm_surgeon.methods import threshold
 from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure
 from llm_surgeon.methods.registry import get_method
-from llm_surgeon.models.layouts import TargetLinear, decoder_linears
+from llm_surgeon.models.layouts import TargetLinear, count_parameters, decoder_linears
 from llm_surgeon.models.load import cache_dir, load_model, save_atomically
+from llm_surgeon.models.shrink import shrink_model
+from llm_surgeon.models.units import UnitGroup, remove_dead_units, unit_groups
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +170,19 @@ def select_removals(
     target_sparsity: float,
     total: int,
     method_allocation: Any = None,
+    units: list[UnitGroup] | None = None,
 ) -> dict[str, Removal]:
     """One global threshold over every layer's candidates → each layer's removal.
 
     Methods whose costs share no scale across layers (``allocation == "layer"``, e.g. L-OBD:
     I ⊗ A is a layer-wise reconstruction error) apply the threshold within each layer instead,
-    so that every layer loses the target fraction.
+    so that every layer loses the target fraction. ``units``: the coupled units of
+    heads-channels pruning.
     """
+    if structure.kind == "heads-channels":
+        assert units is not None
+        layerwise = getattr(method_allocation, "allocation", "global") == "layer"
+        return _select_units(costs, units, total, target_sparsity, layerwise)
     if getattr(method_allocation, "allocation", "global") == "layer" and len(targets) > 1:
         # Each layer gets the target fraction; what a coarse layer (whole rows and columns)
         # cannot take exactly is carried over to the next, so the total stays on target.
@@ -190,6 +198,44 @@ def select_removals(
     return _select(
         costs, targets, weights, structure, threshold.target_count(total, target_sparsity)
     )
+
+
+def _select_units(
+    costs: dict[str, Costs],
+    units: list[UnitGroup],
+    total: int,
+    target_sparsity: float,
+    layerwise: bool,
+) -> dict[str, Removal]:
+    """Coupled units ranked by cost per parameter (globally, or within each decoder layer with
+    the remainder carried over), turned into each linear's rows and columns."""
+    unit_costs = [
+        torch.stack([costs[p.target.name].units.double().cpu() for p in g.parts]).sum(0)
+        for g in units
+    ]
+    sizes = [g.params_per_unit() for g in units]
+    if layerwise:
+        masks: list[torch.Tensor] = []
+        seen = removed = 0
+        for layer in sorted({g.layer for g in units}):
+            ks = [k for k, g in enumerate(units) if g.layer == layer]
+            seen += sum(sum(p.params_per_unit() for p in units[k].parts) * units[k].count
+                        for k in ks)
+            want = threshold.target_count(seen, target_sparsity) - removed
+            part = threshold.select_units([unit_costs[k] for k in ks], [sizes[k] for k in ks],
+                                          max(want, 0))
+            masks.extend(part)
+            removed += sum(int(m.sum()) * sizes[k] for k, m in zip(ks, part, strict=True))
+    else:
+        n_remove = threshold.target_count(total, target_sparsity)
+        masks = threshold.select_units(unit_costs, sizes, n_remove)
+    removals: dict[str, Removal] = {}
+    for g, mask in zip(units, masks, strict=True):
+        chosen = torch.nonzero(mask).reshape(-1)
+        for p in g.parts:
+            idx = p.indices(chosen)
+            removals[p.target.name] = Removal(rows=idx) if p.axis == "rows" else Removal(cols=idx)
+    return removals
 
 
 def _removed_count(removal: Removal, shape: torch.Size) -> int:
@@ -241,6 +287,8 @@ def run_shot(
         curv = estimate_curvature(model, targets, method.curvature, windows, cfg, shot, progress)
     weights: dict[str, torch.Tensor] = {}
     costs: dict[str, Costs] = {}
+    units = unit_groups(model, targets) if structure.kind == "heads-channels" else None
+    share = {p.target.name: (g, p) for g in units or [] for p in g.parts}
     with timer("costs"):
         for t in tqdm(targets, desc=f"shot {shot}: costs", leave=False, disable=not progress):
             weights[t.name] = augmented_weight(t)
@@ -252,11 +300,19 @@ def run_shot(
                         f"curvature of {t.name} is unusable ({exc}); try more "
                         "damping (--damp-g/--damp-a) or more calibration data"
                     ) from None
-            costs[t.name] = method.costs(weights[t.name], curv[t.name], structure)
+            if units is not None:
+                g, p = share[t.name]
+                costs[t.name] = Costs(
+                    units=method.unit_costs(weights[t.name], curv[t.name], p.axis, p.width,
+                                            g.count)
+                )
+            else:
+                costs[t.name] = method.costs(weights[t.name], curv[t.name], structure)
     total = sum(w.numel() for w in weights.values())  # weights and biases
     with timer("threshold"):
         removals = select_removals(
-            costs, targets, weights, structure, target_sparsity, total, method_allocation=method
+            costs, targets, weights, structure, target_sparsity, total, method_allocation=method,
+            units=units,
         )
     del costs
     with timer("update"):
@@ -265,6 +321,9 @@ def run_shot(
             write_augmented(t, W_new)
             curv[t.name] = Curvature()  # free memory as we go
             del weights[t.name]
+        if units is not None:
+            # rows whose downstream column is gone (and the like) go too: function unchanged
+            remove_dead_units(units)
 
 
 def plain_forward_backward_time(
@@ -425,12 +484,27 @@ def prune(
         first = sum(shots[0]["phases"].get(k, {}).get("time_s", 0.0) for k in pruning)
         report["shot_time_s"] = first
         report["shot_cost_ratio"] = first / report["plain_fwd_bwd_s"]
-    report["ppl"] = evaluate("pruned perplexity")
-    if shots and cfg.eval_every_shot:
-        shots[-1]["ppl"] = report["ppl"]
     report["sparsity_achieved"] = overall_sparsity(targets)
     report["shots"] = shots
     report["layers"], report["sparsity_by_type"] = layer_report(targets)
+    if structure.kind == "heads-channels":
+        # physically smaller: heads (in whole KV groups) and channels leave the module shapes
+        dense_linear = count_parameters(model)["params_decoder_linear"]
+        with timer("shrink"):
+            summary = shrink_model(model)
+        targets = decoder_linears(model)
+        report["shrink"] = {
+            "params_total_before": summary["params_before"],
+            "params_total_after": summary["params_after"],
+            "params_decoder_linear_before": dense_linear,
+            "params_decoder_linear_after": count_parameters(model)["params_decoder_linear"],
+            "kv_groups_removed": summary["kv_groups_removed"],
+            "channels_removed": summary["channels_removed"],
+            "layer_sizes": summary["layer_sizes"],
+        }
+    report["ppl"] = evaluate("pruned perplexity")
+    if shots and cfg.eval_every_shot:
+        shots[-1]["ppl"] = report["ppl"]
     report["phases"] = timer.phases
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if out_dir is not None:

@@ -2,7 +2,10 @@
 
 Stable JSON keys (other tools script against them): ``ppl``, ``nll``, ``tokens``, ``windows``,
 ``seqlen``, ``model``, ``data``, ``params_total``, ``params_decoder_linear``,
-``params_decoder_linear_nonzero``, ``size_on_disk_mb``, ``eval_time_s``.
+``params_decoder_linear_nonzero``, ``size_on_disk_mb``, ``eval_time_s``; with ``speed=True``
+also ``decode_tok_s_b1``, ``decode_tok_s_b8``, ``prefill_tok_s``, ``peak_mem_mb``, and, when a
+baseline (the dense model) is known, ``baseline`` (the same keys for it, measured in the same
+run) and ``vs_baseline`` (ratios model / baseline).
 """
 
 from __future__ import annotations
@@ -70,6 +73,45 @@ def evaluate_loaded(
     return {**ppl, "seqlen": seqlen, "eval_time_s": time.time() - start}
 
 
+def recorded_source(model_spec: str) -> str | None:
+    """The model a pruned folder came from (its ``report.json``), if any."""
+    import json
+    from pathlib import Path
+
+    report = Path(model_spec) / "report.json"
+    if not report.is_file():
+        return None
+    try:
+        return json.loads(report.read_text())["settings"]["model"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def size_and_params(model_spec: str) -> dict[str, Any]:
+    model, _ = load_model(model_spec, with_tokenizer=False)
+    return {"model": model_spec, **count_parameters(model), **model_size(model, model_spec)}
+
+
+def speed_report(
+    model_spec: str, baseline: str | None, rounds: int = 3, threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Speed keys of the model and, side by side in the same run, of its baseline."""
+    from llm_surgeon.evaluate.speed import SPEED_KEYS, measure_speed
+
+    specs = [model_spec] + ([baseline] if baseline else [])
+    measured = measure_speed(specs, rounds=rounds, threads=threads, progress=progress)
+    out: dict[str, Any] = dict(measured[0])
+    if baseline:
+        base = {**size_and_params(baseline), **measured[1]}
+        mine = size_and_params(model_spec)
+        out["baseline"] = base
+        ratio_keys = (*SPEED_KEYS, "size_on_disk_mb", "params_total", "params_decoder_linear")
+        merged = {**mine, **measured[0]}
+        out["vs_baseline"] = {k: merged[k] / base[k] for k in ratio_keys if base.get(k)}
+    return out
+
+
 def evaluate_model(
     model_spec: str,
     data: str = "sotu",
@@ -79,6 +121,10 @@ def evaluate_model(
     dtype: str = "float32",
     device: str = "cpu",
     progress: bool = True,
+    speed: bool = False,
+    baseline: str | None = None,
+    speed_rounds: int = 3,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     if eval_windows is not None and eval_windows <= 0:
         raise UserError(f"--eval-windows must be positive (got {eval_windows})")
@@ -92,4 +138,8 @@ def evaluate_model(
     )
     result.update(count_parameters(model))
     result.update(model_size(model, model_spec))
+    if speed:
+        del model
+        baseline = baseline or recorded_source(model_spec)
+        result.update(speed_report(model_spec, baseline, speed_rounds, threads, progress))
     return result

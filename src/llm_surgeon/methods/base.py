@@ -5,7 +5,9 @@ questions, so that the multi-shot driver, the reports and the benchmarks never s
 method:
 
 1. ``costs(W, curvature, structure)``: what removing each candidate would cost
-   (elements for unstructured and N:M; rows and columns for rows-columns),
+   (elements for unstructured and N:M; rows and columns for rows-columns); for heads-channels
+   ``unit_costs(W, curvature, axis, width, count)``: this layer's share of the cost of each
+   coupled unit (blocks of ``width`` rows or columns, see ``models/units.py``),
 2. ``apply(W, curvature, removal)``: the new weights once a removal is decided (zeroed for the
    remove-only baselines; the closed-form correlated update for the surgeon).
 
@@ -86,11 +88,12 @@ class Removal:
 
 @dataclass
 class Costs:
-    """Costs of the candidates of one layer: elements, or rows and columns."""
+    """Costs of the candidates of one layer: elements, rows and columns, or shares of units."""
 
     elements: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     cols: torch.Tensor | None = None
+    units: torch.Tensor | None = None  # this layer's share of each coupled unit's cost
 
 
 class GlobalMethod(Protocol):
@@ -99,6 +102,10 @@ class GlobalMethod(Protocol):
     updates: bool
 
     def costs(self, W: torch.Tensor, curv: Curvature, structure: Structure) -> Costs: ...
+
+    def unit_costs(
+        self, W: torch.Tensor, curv: Curvature, axis: str, width: int, count: int
+    ) -> torch.Tensor: ...
 
     def apply(
         self, W: torch.Tensor, curv: Curvature, removal: Removal, structure: Structure

@@ -46,6 +46,39 @@ def column_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None
     return 0.5 * _diag(A, W.shape[1], W) * quad
 
 
+def _diag_blocks(M: torch.Tensor | None, n_groups: int, width: int,
+                 like: torch.Tensor) -> torch.Tensor:
+    """The (n_groups, width, width) diagonal blocks of M (identity blocks when M is None)."""
+    if M is None:
+        eye = torch.eye(width, dtype=like.dtype, device=like.device)
+        return eye.expand(n_groups, width, width)
+    idx = torch.arange(n_groups * width, device=like.device).view(n_groups, width)
+    return M.to(like.dtype)[idx[:, :, None], idx[:, None, :]]
+
+
+def row_group_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None,
+                    width: int) -> torch.Tensor:
+    """Zeroing cost of each block R_g of ``width`` consecutive rows (a head's rows, an MLP
+    channel's row):  ½ Σ_{r,s∈R_g} G_rs · w_rᵀ A w_s = ½ tr(G_RR W_R A W_Rᵀ)."""
+    n = W.shape[0] // width
+    Wg = W[: n * width].reshape(n, width, -1)
+    WAg = Wg if A is None else Wg @ A.to(W.dtype)
+    M = WAg @ Wg.transpose(1, 2)
+    return 0.5 * (_diag_blocks(G, n, width, W) * M).sum((1, 2))
+
+
+def column_group_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None,
+                       width: int, n_groups: int) -> torch.Tensor:
+    """Zeroing cost of each block C_g of ``width`` consecutive columns among the first
+    ``n_groups · width`` (a bias column after them is never part of a unit):
+    ½ tr(A_CC W_Cᵀ G W_C)."""
+    Wc = W[:, : n_groups * width]
+    GW = Wc if G is None else G.to(W.dtype) @ Wc
+    Wg = Wc.T.reshape(n_groups, width, -1)
+    M = GW.T.reshape(n_groups, width, -1) @ Wg.transpose(1, 2)
+    return 0.5 * (_diag_blocks(A, n_groups, width, W) * M).sum((1, 2))
+
+
 # ---- the shared interface (see methods/base.py) ----------------------------------------------
 
 
@@ -53,7 +86,7 @@ class ZeroingMethod:
     """A remove-only method: costs of zeroing under I⊗I, I⊗A or G⊗A; removal = zeroing."""
 
     updates = False
-    structures = ("unstructured", "nm", "rows-columns")
+    structures = ("unstructured", "nm", "rows-columns", "heads-channels")
 
     def __init__(self, name: str, curvature: str, use_A: bool, use_G: bool,
                  allocation: str = "global") -> None:
@@ -71,6 +104,15 @@ class ZeroingMethod:
         if structure.kind == "rows-columns":
             return Costs(rows=row_costs(W, G, A), cols=column_costs(W, G, A))
         return Costs(elements=element_costs(W, G, A))
+
+    def unit_costs(self, W: torch.Tensor, curv: Curvature, axis: str, width: int,
+                   count: int) -> torch.Tensor:
+        """Zeroing cost of this layer's share of each of ``count`` coupled units."""
+        G = curv.G if self.use_G else None
+        A = curv.A if self.use_A else None
+        if axis == "rows":
+            return row_group_costs(W, G, A, width)
+        return column_group_costs(W, G, A, width, count)
 
     def apply(
         self, W: torch.Tensor, curv: Curvature, removal: Removal, structure: Structure

@@ -803,7 +803,7 @@ class SurgeonMethod:
     name = "surgeon"
     curvature = "kfac"
     updates = True
-    structures = ("unstructured", "nm", "rows-columns")
+    structures = ("unstructured", "nm", "rows-columns", "heads-channels")
 
     def __init__(self, rtol_loss: float = 1e-3, compute_dtype: torch.dtype = torch.float32,
                  max_correlate: int = 256) -> None:
@@ -828,6 +828,15 @@ class SurgeonMethod:
             return Costs(rows=row_costs(W, curv.A, curv.Ginv),
                          cols=column_costs(W, curv.G, curv.Ainv))
         return Costs(elements=element_costs(W, curv.Ginv, curv.Ainv))
+
+    def unit_costs(self, W: Tensor, curv, axis: str, width: int, count: int) -> Tensor:
+        """Cost of this layer's share of each of ``count`` coupled units (blocks of ``width``
+        rows, or columns among the first ``count · width``; a bias column is never a unit's)."""
+        W = W.to(self.compute_dtype)
+        idx = torch.arange(count * width, device=W.device).view(count, width)
+        if axis == "rows":
+            return row_group_costs(W, curv.A, curv.Ginv, idx)
+        return column_group_costs(W, curv.G, curv.Ainv, idx)
 
     def apply(self, W: Tensor, curv, removal, structure) -> Tensor:
         W = W.to(self.compute_dtype)

@@ -412,3 +412,55 @@ def target_count(total: int, fraction: float) -> int:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"sparsity fraction must be in [0, 1], got {fraction}")
     return round(fraction * total)
+
+
+def select_units(
+    costs: Sequence[Tensor],
+    params_per_unit: Sequence[int],
+    n_remove: int,
+    *,
+    min_keep: int = 1,
+) -> list[Tensor]:
+    """Global threshold over coupled units of different sizes (heads in KV groups, MLP channels).
+
+    ``costs[k]`` holds the removal cost of every unit of group k (one kind of unit in one layer),
+    each unit of which has ``params_per_unit[k]`` parameters. Units are ranked by **cost per
+    parameter removed**, ``cost / size`` (the loss increase per parameter saved, so that one KV
+    group of ~3·10⁵ parameters competes fairly with ~10³-parameter channels), and taken in that
+    order while they fit in the budget: the removed parameters never exceed ``n_remove``, and a
+    unit too big for what is left is skipped in favour of smaller ones after it. Every group
+    keeps at least ``min_keep`` units. Returns one bool mask (True = remove) per group.
+    Already-removed (zero) units cost 0 and so are taken first.
+    """
+    if len(costs) != len(params_per_unit):
+        raise ValueError("one size per group of costs")
+    keys, group, local = [], [], []
+    for k, (c, size) in enumerate(zip(costs, params_per_unit, strict=True)):
+        c = c.reshape(-1).double().cpu()
+        if bool(torch.isnan(c).any()):
+            raise ValueError(f"group {k}: NaN in unit costs")
+        if size <= 0:
+            raise ValueError(f"group {k}: units need a positive size, got {size}")
+        keys.append(c / size)
+        group.append(torch.full((c.numel(),), k, dtype=torch.long))
+        local.append(torch.arange(c.numel()))
+    masks = [torch.zeros(c.numel(), dtype=torch.bool) for c in costs]
+    if not keys:
+        return masks
+    key, grp, loc = torch.cat(keys), torch.cat(group), torch.cat(local)
+    order = torch.argsort(key, stable=True).tolist()
+    left = [c.numel() for c in costs]
+    sizes = [int(s) for s in params_per_unit]
+    smallest = min(sizes)
+    budget = int(n_remove)
+    grp_l, loc_l, key_l = grp.tolist(), loc.tolist(), key.tolist()
+    for i in order:
+        if budget < smallest:
+            break
+        k = grp_l[i]
+        if key_l[i] == float("inf") or sizes[k] > budget or left[k] <= min_keep:
+            continue
+        masks[k][loc_l[i]] = True
+        left[k] -= 1
+        budget -= sizes[k]
+    return masks

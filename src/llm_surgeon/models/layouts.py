@@ -55,6 +55,9 @@ class Layout:
     intermediate_attr: str = "intermediate_size"
     head_dim_attr: str | None = "head_dim"
     max_positions_attrs: tuple[str, ...] = ("max_position_embeddings",)
+    # Whether the standard config can express fewer heads / channels (uniform over layers)
+    # without changing the head size: then plain ``from_pretrained`` loads a shrunk model.
+    sizes_in_config: bool = True
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -129,6 +132,7 @@ LAYOUTS: tuple[Layout, ...] = (
         n_kv_heads_attr=None,
         intermediate_attr="ffn_dim",
         head_dim_attr=None,
+        sizes_in_config=False,
         notes="OPT: biases everywhere, ReLU MLP fc1/fc2, learned positions.",
     ),
     Layout(

@@ -122,6 +122,9 @@ def save_atomically(
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -180,10 +183,30 @@ def resolve_model(spec: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
+def _has_layer_sizes(folder: Path) -> bool:
+    """Whether a folder holds a physically shrunk model with per-layer sizes."""
+    import json
+
+    from llm_surgeon.models.shrink import SIZES_KEY
+
+    try:
+        return SIZES_KEY in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def load_model(
-    spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"
+    spec: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    with_tokenizer: bool = True,
 ) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` from any spec; the model is in eval mode on ``device``."""
+    """Load ``(model, tokenizer)`` from any spec; the model is in eval mode on ``device``.
+
+    Folders written by a structured prune whose layers differ in size (``config.json`` lists
+    ``llm_surgeon_layer_sizes``) are rebuilt layer by layer (:func:`~llm_surgeon.models.shrink.
+    load_pruned`). ``with_tokenizer=False`` skips the tokenizer (returned as ``None``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -196,11 +219,17 @@ def load_model(
         assert path is not None
         model, tokenizer = _load_gguf(path)
         model = model.to(torch_dtype)
+        tokenizer = tokenizer if with_tokenizer else None
     else:
         source = str(path) if path is not None else spec
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            if path is not None and _has_layer_sizes(path):
+                from llm_surgeon.models.shrink import load_pruned
+
+                model = load_pruned(path, dtype=torch_dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
         except UserError:
             raise
         except OSError as exc:

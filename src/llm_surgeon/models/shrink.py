@@ -1,0 +1,187 @@
+"""Physical removal of pruned units, and saving / loading models whose layers differ in size.
+
+:func:`shrink_model` drops every dead unit (see :mod:`llm_surgeon.models.units`) from the module
+shapes: the linears get smaller weight matrices and biases, attention modules that cache a head
+count get the new count, and the config records every layer's sizes under
+``llm_surgeon_layer_sizes`` (a list of ``{"heads", "kv_heads", "channels"}``, one per layer).
+
+A saved folder is plain safetensors + ``config.json``. :func:`load_pruned` (behind
+``llm_surgeon.load``) rebuilds the architecture from the config, resizes every layer to its
+recorded sizes and loads the tensors. Where all layers end up with the same sizes and the family's
+config can say so (Llama-family and Phi: ``head_dim`` is explicit), the standard config fields are
+updated too, so that plain ``transformers`` ``from_pretrained`` loads the folder as well; OPT
+derives its head size from ``hidden_size / num_attention_heads`` and so can never express fewer
+heads in its config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm_surgeon.errors import UserError
+from llm_surgeon.models.layouts import Layout, layout_for
+from llm_surgeon.models.units import UnitGroup, unit_groups
+
+SIZES_KEY = "llm_surgeon_layer_sizes"
+# Attributes some attention / MLP modules cache at construction and use in forward.
+_ATTN_ATTRS = {"num_heads": "heads", "num_key_value_heads": "kv_heads"}
+_MLP_ATTRS = {"intermediate_size": "channels"}
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, child = name.rpartition(".")
+    return model.get_submodule(parent), child
+
+
+@torch.no_grad()
+def _slice_linear(linear: nn.Linear, axis: str, idx: torch.Tensor) -> nn.Linear:
+    W = linear.weight
+    bias = linear.bias
+    if axis == "rows":
+        W_new = W[idx]
+        b_new = None if bias is None else bias[idx]
+    else:
+        W_new = W[:, idx]
+        b_new = bias
+    out = nn.Linear(W_new.shape[1], W_new.shape[0], bias=bias is not None,
+                    device=W.device, dtype=W.dtype)
+    out.weight.copy_(W_new)
+    if b_new is not None:
+        out.bias.copy_(b_new)
+    out.weight.requires_grad_(W.requires_grad)
+    return out
+
+
+def layer_sizes(model: Any) -> list[dict[str, int]]:
+    """Heads, KV heads and MLP channels of every decoder layer, read from the module shapes."""
+    layout = layout_for(model)
+    per_kv = layout.n_heads(model.config) // layout.n_kv_heads(model.config)
+    sizes: dict[int, dict[str, int]] = {}
+    for g in unit_groups(model):
+        s = sizes.setdefault(g.layer, {})
+        if g.kind == "heads":
+            s["heads"], s["kv_heads"] = g.count * per_kv, g.count
+        else:
+            s["channels"] = g.count
+    return [sizes[i] for i in sorted(sizes)]
+
+
+def _keep_units(model: nn.Module, group: UnitGroup, keep: torch.Tensor, layout: Layout) -> None:
+    """Keep only the units ``keep`` (sorted indices) of one group, physically."""
+    for part in group.parts:
+        idx = part.indices(keep).to(part.target.module.weight.device)
+        parent, child = _parent(model, part.target.name)
+        setattr(parent, child, _slice_linear(part.target.module, part.axis, idx))
+    # Modules that cache a head or channel count: the parent of the group's last linear.
+    owner, _ = _parent(model, group.parts[-1].target.name)
+    per_kv = layout.n_heads(model.config) // layout.n_kv_heads(model.config)
+    values = {"heads": len(keep) * per_kv, "kv_heads": len(keep), "channels": len(keep)}
+    attrs = _ATTN_ATTRS if group.kind == "heads" else _MLP_ATTRS
+    for attr, what in attrs.items():
+        if isinstance(getattr(owner, attr, None), int):
+            setattr(owner, attr, values[what])
+
+
+def _record_sizes(model: Any, layout: Layout) -> list[dict[str, int]]:
+    sizes = layer_sizes(model)
+    config = model.config
+    setattr(config, SIZES_KEY, sizes)
+    uniform = all(s == sizes[0] for s in sizes)
+    if uniform and layout.sizes_in_config and sizes:
+        s = sizes[0]
+        head_dim = layout.head_dim(config)
+        setattr(config, layout.n_heads_attr, s["heads"])
+        if layout.n_kv_heads_attr is not None:
+            setattr(config, layout.n_kv_heads_attr, s["kv_heads"])
+        setattr(config, layout.intermediate_attr, s["channels"])
+        if layout.head_dim_attr is not None:
+            setattr(config, layout.head_dim_attr, head_dim)
+    return sizes
+
+
+def shrink_model(model: Any) -> dict[str, Any]:
+    """Remove every dead unit (heads in whole KV groups, MLP channels) from the module shapes.
+
+    At least one unit of each kind stays in every layer (a zero one if all were pruned: its
+    output is zero, so the function is unchanged). Returns a summary with the parameters before
+    and after and the per-layer sizes. The model computes exactly what the zero-masked model did.
+    """
+    layout = layout_for(model)
+    before = sum(p.numel() for p in model.parameters())
+    removed = {"heads": 0, "channels": 0}
+    for g in unit_groups(model):
+        keep_mask = ~g.dead()
+        if not bool(keep_mask.any()):
+            keep_mask[0] = True
+        if bool(keep_mask.all()):
+            continue
+        removed[g.kind] += int((~keep_mask).sum())
+        _keep_units(model, g, torch.nonzero(keep_mask).reshape(-1), layout)
+    sizes = _record_sizes(model, layout)
+    after = sum(p.numel() for p in model.parameters())
+    return {
+        "params_before": before,
+        "params_after": after,
+        "kv_groups_removed": removed["heads"],
+        "channels_removed": removed["channels"],
+        "layer_sizes": sizes,
+    }
+
+
+def resize_to(model: Any, sizes: list[dict[str, int]]) -> None:
+    """Give a freshly built model the recorded per-layer sizes (keeps the first units; their
+    values are overwritten by the loaded weights)."""
+    layout = layout_for(model)
+    groups = unit_groups(model)
+    n_layers = len({g.layer for g in groups})
+    if len(sizes) != n_layers:
+        raise UserError(f"{SIZES_KEY} lists {len(sizes)} layers, the model has {n_layers}")
+    for g in groups:
+        want = sizes[g.layer]["kv_heads" if g.kind == "heads" else "channels"]
+        if not 1 <= want <= g.count:
+            raise UserError(f"layer {g.layer}: recorded size {want} for {g.kind} is not in "
+                            f"1..{g.count}")
+        if want != g.count:
+            _keep_units(model, g, torch.arange(want), layout)
+    _record_sizes(model, layout)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has no .safetensors weights")
+    return files
+
+
+def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """Load a folder written by ``llm-surgeon prune`` whose layers may differ in size."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    sizes = getattr(config, SIZES_KEY, None)
+    # Parameters on the meta device (no memory, no random init); buffers such as rotary
+    # frequencies are computed for real. The loaded tensors are then assigned, not copied, so
+    # peak memory is one copy of the (smaller) weights.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if sizes:
+        resize_to(model, sizes)
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(folder):
+        state.update(load_file(str(f)))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise UserError(f"{folder}: unexpected tensors {unexpected[:3]}")
+    model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_empty:
+        raise UserError(f"{folder}: missing tensors {still_empty[:3]}")
+    return model.eval()
