@@ -108,7 +108,7 @@ def _cfg(model_dir, text, **kw) -> PruneConfig:
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-@pytest.mark.parametrize("method", ["surgeon", "k-obd", "magnitude"])
+@pytest.mark.parametrize("method", ["surgeon", "k-obd", "l-obd", "magnitude"])
 def test_heads_channels_prune_shrinks_and_reloads(tiny_model_dirs, sample_text_file, tmp_path,
                                                   family, method):
     out = tmp_path / "pruned"

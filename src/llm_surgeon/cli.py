@@ -22,6 +22,7 @@ examples:
   llm-surgeon eval --model smollm2-135m --data sotu --seqlen 512 --eval-windows 64 --json out.json
   llm-surgeon eval --model ./pruned --data my_text.txt
   llm-surgeon eval --model facebook/opt-125m --data wikitext2 --seqlen 2048   # online
+  llm-surgeon eval --model out/hc30 --speed --json speed.json   # + tokens/s, memory vs dense
 
 perplexity follows the SparseGPT protocol: the text is tokenized at once without special tokens,
 cut into non-overlapping windows of --seqlen tokens, and ppl = exp(mean token NLL).
@@ -43,6 +44,8 @@ examples:
   llm-surgeon prune --method surgeon --structure unstructured --sparsity 0.5 --output out/s50
   llm-surgeon prune --method surgeon --structure 2:4 --shots 5 --output out/s24
   llm-surgeon prune --method surgeon --structure rows-columns --sparsity 0.2 --output out/rc20
+  llm-surgeon prune --method surgeon --structure heads-channels --sparsity 0.3 --output out/hc30
+  llm-surgeon eval --model out/hc30 --speed        # smaller and faster: side by side with dense
   llm-surgeon prune --method k-obd --structure unstructured --sparsity 0.5 --output out/kobd
   llm-surgeon prune --model facebook/opt-125m --calib-data c4 --eval-data wikitext2 --paper \\
       --device cuda --output out/opt                                  # the paper's settings
@@ -172,12 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--method",
         default=_D.method,
-        help="surgeon | k-obd | l-obd | magnitude (default: %(default)s)",
+        help="global, multi-shot: surgeon | k-obd | l-obd | magnitude; layer-wise, one pass: "
+        "sparsegpt | wanda | maiht (default: %(default)s)",
     )
     pr.add_argument(
         "--structure",
         default=_D.structure,
-        help="unstructured | N:M (e.g. 2:4, 4:8) | rows-columns (default: %(default)s)",
+        help="unstructured | N:M (e.g. 2:4, 4:8) | rows-columns | heads-channels (attention "
+        "heads in whole KV groups and MLP channels, physically removed) (default: %(default)s)",
     )
     pr.add_argument(
         "--sparsity",
@@ -247,6 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=_D.max_correlate,
         help="surgeon: weights removed together in one correlated update (default: %(default)s)",
     )
+    lw = pr.add_argument_group("layer-wise methods (sparsegpt, wanda, maiht)")
+    lw.add_argument("--blocksize", type=_positive_int, default=_D.blocksize,
+                    help="SparseGPT: columns per lazy-update block (default: %(default)s)")
+    lw.add_argument("--percdamp", type=float, default=_D.percdamp,
+                    help="SparseGPT: damping of XᵀX relative to its mean diagonal "
+                    "(default: %(default)s)")
+    lw.add_argument("--maiht-mu", type=float, default=_D.maiht_mu,
+                    help="mAIHT: l2 penalty μ (default: %(default)s)")
+    lw.add_argument("--maiht-iht-iters", type=int, default=_D.maiht_iht_iters,
+                    help="mAIHT: iterative hard thresholding steps (default: %(default)s)")
+    lw.add_argument("--maiht-refine-iters", type=int, default=_D.maiht_refine_iters,
+                    help="mAIHT: refinement steps on the final support (default: %(default)s)")
+    lw.add_argument("--maiht-step", type=float, default=_D.maiht_step,
+                    help="mAIHT: step as a fraction of 1/L, L = 2(‖XᵀX‖₂ + μ) "
+                    "(default: %(default)s)")
     pr.add_argument(
         "--lowrank-rank",
         type=int,
@@ -411,6 +431,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         damp_g=args.damp_g,
         damp_a=args.damp_a,
         max_correlate=args.max_correlate,
+        blocksize=args.blocksize,
+        percdamp=args.percdamp,
+        maiht_mu=args.maiht_mu,
+        maiht_iht_iters=args.maiht_iht_iters,
+        maiht_refine_iters=args.maiht_refine_iters,
+        maiht_step=args.maiht_step,
         batch_size=args.batch_size,
         lowrank_rank=args.lowrank_rank,
         lowrank_steps=args.lowrank_steps,
@@ -421,7 +447,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         time_plain_pass=args.time_plain_pass,
     )
     report = strip_private(prune(cfg, progress=not args.quiet))
-    print(f"method            {report['method']} ({report['structure']}, {cfg.shots} shots)")
+    print(f"method            {report['method']} ({report['structure']}, "
+          f"{len(report['shots'])} shots)")
     print(
         f"sparsity          target {report['sparsity_target']:.4f}, achieved "
         f"{report['sparsity_achieved']:.4f}"

@@ -37,6 +37,12 @@ class PruneConfig:
     lowrank_rank: int = 0
     lowrank_steps: int = 0
     lowrank_lr: float = 1e-4
+    blocksize: int = 128  # SparseGPT lazy-update block
+    percdamp: float = 0.01  # SparseGPT relative damping of H = XᵀX
+    maiht_mu: float = 0.1
+    maiht_iht_iters: int = 50
+    maiht_refine_iters: int = 30
+    maiht_step: float = 0.95
     dtype: str = "float32"
     device: str = "cpu"
     output: str | None = None
@@ -59,6 +65,12 @@ class PruneConfig:
         for name in ("damp_g", "damp_a"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be non-negative")
+        if self.blocksize < 1 or self.percdamp < 0:
+            raise UserError("--blocksize must be positive and --percdamp non-negative")
+        if self.maiht_iht_iters < 0 or self.maiht_refine_iters < 0 or self.maiht_mu < 0:
+            raise UserError("mAIHT iterations and --maiht-mu must be non-negative")
+        if not 0 < self.maiht_step <= 1:
+            raise UserError("--maiht-step must be in (0, 1]")
         method = get_method(self.method)
         structure = parse_structure(self.structure)
         if (

@@ -438,16 +438,34 @@ def prune(
             model, windows, cfg.batch_size, progress
         )
     target = report["sparsity_target"]
+    # layer-wise methods (SparseGPT, Wanda, mAIHT) and Numerical pruning prune in one pass
+    kind = getattr(method, "kind", "global")
+    layerwise = kind == "layerwise"
+    n_shots = 1 if kind in ("layerwise", "units") else cfg.shots
     shots = []
     start = time.perf_counter()
-    for shot in tqdm(range(1, cfg.shots + 1), desc=f"{cfg.method} shots", disable=not progress):
+    for shot in tqdm(range(1, n_shots + 1), desc=f"{cfg.method} shots", disable=not progress):
         t0 = time.perf_counter()
         before = {k: dict(v) for k, v in timer.phases.items()}
-        shot_target = threshold.linear_schedule(shot, cfg.shots, target)
-        run_shot(
-            model, targets, method, structure, shot_target, windows, cfg, shot, timer, progress
-        )
-        if cfg.lowrank_rank > 0 and cfg.lowrank_steps > 0 and shot < cfg.shots:
+        shot_target = threshold.linear_schedule(shot, n_shots, target)
+        if layerwise:
+            from llm_surgeon.layerwise import run_layerwise
+
+            with timer("layerwise"):
+                run_layerwise(model, targets, method, structure, shot_target, windows,
+                              cfg.batch_size, progress)
+        elif kind == "units":
+            from llm_surgeon.layerwise import run_unit_scoring
+
+            with timer("units"):
+                run_unit_scoring(model, targets, method, shot_target, windows,
+                                 cfg.batch_size, progress)
+        else:
+            run_shot(
+                model, targets, method, structure, shot_target, windows, cfg, shot, timer,
+                progress,
+            )
+        if cfg.lowrank_rank > 0 and cfg.lowrank_steps > 0 and shot < n_shots:
             from llm_surgeon.methods.lowrank import first_order_correction
 
             with timer("lowrank"):

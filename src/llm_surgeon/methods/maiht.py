@@ -78,7 +78,7 @@ import torch
 
 from llm_surgeon.methods.sparsegpt import num_to_prune
 
-__all__ = ["hard_threshold", "maiht_objective", "maiht_prune", "resolve_mu"]
+__all__ = ["MAIHTMethod", "hard_threshold", "maiht_objective", "maiht_prune", "resolve_mu"]
 
 
 def maiht_objective(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor, mu: float) -> float:
@@ -269,3 +269,28 @@ def maiht_prune(
     x = x * Ms  # exact zeros off the support
     out = x.to(W.dtype)
     return (out, history) if return_history else out
+
+
+# ---- the layer-wise interface (layerwise.py) ------------------------------------------------
+
+
+class MAIHTMethod:
+    """mAIHT behind the layer-wise driver: unstructured, the target sparsity in every layer."""
+
+    name = "maiht"
+    kind = "layerwise"
+    structures = ("unstructured",)
+
+    def __init__(self, mu: float = 0.1, iht_iters: int = 50, refine_iters: int = 30,
+                 step_scale: float = 0.95) -> None:
+        self.mu = mu
+        self.iht_iters = iht_iters
+        self.refine_iters = refine_iters
+        self.step_scale = step_scale
+
+    def prune_linear(self, W: torch.Tensor, H: torch.Tensor, structure, sparsity: float
+                     ) -> torch.Tensor:
+        out = maiht_prune(W, H, sparsity, mu=self.mu, iht_iters=self.iht_iters,
+                          refine_iters=self.refine_iters, step_scale=self.step_scale)
+        assert isinstance(out, torch.Tensor)
+        return out

@@ -65,6 +65,7 @@ import torch
 from llm_surgeon.methods.sparsegpt import damp_hessian
 
 __all__ = [
+    "NumericalMethod",
     "channel_hessian",
     "compensate",
     "head_scores",
@@ -206,3 +207,39 @@ def compensate(
         WK = WK + torch.cholesky_solve(B.T, L).T
     out[:, K] = WK
     return out.to(W.dtype)
+
+
+# ---- the coupled-unit interface (layerwise.run_unit_scoring) -------------------------------
+
+
+class NumericalMethod:
+    """Numerical pruning behind the coupled-unit driver (heads in whole KV groups, MLP channels).
+
+    For every output projection (o / down) with input statistics H: Newton scores of its input
+    channels (:func:`newton_scores`, ``r`` = the kept fraction of the channels, ``λ`` =
+    ``lam_scale · mean(diag A)``); a unit's score is the mean over its channels (a KV group: the
+    channels of all its query heads); scores are standardised per module
+    (:func:`standardize_scores`) and ranked globally, lowest first. Removal zeroes the unit's
+    input-side rows and compensates the output projection (:func:`compensate`).
+    """
+
+    name = "numerical"
+    kind = "units"
+    structures = ("heads-channels",)
+
+    def __init__(self, lam_scale: float = 1.0, percdamp: float = 0.01) -> None:
+        self.lam_scale = lam_scale
+        self.percdamp = percdamp
+
+    def unit_scores(self, W: torch.Tensor, H: torch.Tensor, width: int, count: int,
+                    keep_fraction: float) -> torch.Tensor:
+        Wc = W[:, : count * width].double()
+        Hc = H[: count * width, : count * width].double()
+        A_diag_mean = float(channel_hessian(Wc, Hc).diagonal().mean())
+        lam = self.lam_scale * max(A_diag_mean, 1e-12)
+        z = newton_scores(Wc, Hc, r=keep_fraction * count * width, lam=lam)
+        return standardize_scores(head_scores(z, width))
+
+    def compensate(self, W: torch.Tensor, H: torch.Tensor, keep_cols: torch.Tensor
+                   ) -> torch.Tensor:
+        return compensate(W, H, keep_cols, percdamp=self.percdamp)

@@ -50,6 +50,7 @@ import math
 import torch
 
 __all__ = [
+    "SparseGPTMethod",
     "damp_hessian",
     "num_to_prune",
     "sparsegpt_prune",
@@ -267,3 +268,28 @@ def sparsegpt_reconstruct(
     """
     Wn, _ = _sweep(W, H, blocksize=blocksize, percdamp=percdamp, fixed_mask=mask_removed)
     return Wn.to(W.dtype)
+
+
+# ---- the layer-wise interface (layerwise.py) ------------------------------------------------
+
+
+class SparseGPTMethod:
+    """SparseGPT behind the layer-wise driver: unstructured or any N:M, block 128, damping 0.01."""
+
+    name = "sparsegpt"
+    kind = "layerwise"
+    structures = ("unstructured", "nm")
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+
+    def prune_linear(self, W: torch.Tensor, H: torch.Tensor, structure, sparsity: float
+                     ) -> torch.Tensor:
+        if structure.kind == "nm":
+            new, _ = sparsegpt_prune(W, H, n=structure.n, m=structure.m,
+                                     blocksize=self.blocksize, percdamp=self.percdamp)
+        else:
+            new, _ = sparsegpt_prune(W, H, sparsity=sparsity, blocksize=self.blocksize,
+                                     percdamp=self.percdamp)
+        return new

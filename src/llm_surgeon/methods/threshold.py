@@ -420,6 +420,7 @@ def select_units(
     n_remove: int,
     *,
     min_keep: int = 1,
+    per_param: bool = True,
 ) -> list[Tensor]:
     """Global threshold over coupled units of different sizes (heads in KV groups, MLP channels).
 
@@ -441,7 +442,7 @@ def select_units(
             raise ValueError(f"group {k}: NaN in unit costs")
         if size <= 0:
             raise ValueError(f"group {k}: units need a positive size, got {size}")
-        keys.append(c / size)
+        keys.append(c / size if per_param else c)
         group.append(torch.full((c.numel(),), k, dtype=torch.long))
         local.append(torch.arange(c.numel()))
     masks = [torch.zeros(c.numel(), dtype=torch.bool) for c in costs]

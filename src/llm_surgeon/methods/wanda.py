@@ -18,7 +18,7 @@ import torch
 
 from llm_surgeon.methods.sparsegpt import num_to_prune
 
-__all__ = ["wanda_mask", "wanda_scores"]
+__all__ = ["WandaMethod", "wanda_mask", "wanda_scores"]
 
 
 def wanda_scores(W: torch.Tensor, x_sq_norms: torch.Tensor) -> torch.Tensor:
@@ -82,3 +82,24 @@ def wanda_mask(
     idx = torch.topk(groups, m - n, dim=2, largest=False).indices
     mask.view(rows, cols // m, m).scatter_(2, idx, True)
     return mask
+
+
+# ---- the layer-wise interface (layerwise.py) ------------------------------------------------
+
+
+class WandaMethod:
+    """Wanda behind the layer-wise driver: |W_ij|·‖X_j‖ per output row; unstructured or N:M;
+    the remaining weights are not updated."""
+
+    name = "wanda"
+    kind = "layerwise"
+    structures = ("unstructured", "nm")
+
+    def prune_linear(self, W: torch.Tensor, H: torch.Tensor, structure, sparsity: float
+                     ) -> torch.Tensor:
+        scores = wanda_scores(W, torch.diagonal(H))
+        if structure.kind == "nm":
+            mask = wanda_mask(scores, n=structure.n, m=structure.m)
+        else:
+            mask = wanda_mask(scores, sparsity=sparsity)
+        return W.masked_fill(mask, 0)

@@ -1,0 +1,173 @@
+"""The drivers of the methods that work from layer inputs alone (no gradients).
+
+**Layer-wise** (SparseGPT, Wanda, mAIHT): one decoder layer at a time, each on the outputs of the
+already-pruned layers before it (as their papers do).
+
+    calibration windows ──► inputs of decoder layer 0 (captured by a hook that stops the model)
+    for every decoder layer ℓ:
+        run ℓ on its inputs with hooks on its linears ──► statistics (H = XᵀX, or diag H)
+        prune every linear of ℓ from its statistics (the method's pure math)
+        run the pruned ℓ on the same inputs ──► inputs of layer ℓ + 1
+
+Only the hidden states at one layer boundary are kept (``windows × seqlen × hidden`` floats);
+no backward pass is needed. Methods plug in through :class:`LayerwiseMethod`.
+
+**Coupled units scored from activations** (Numerical pruning, :func:`run_unit_scoring`): one
+forward pass collects H = XᵀX of every output projection (o, down); the method scores every
+unit (KV head group, MLP channel) of every layer, one ranking over all layers picks the units to
+remove, and each output projection is compensated in closed form for its removed inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from llm_surgeon.methods import threshold
+from llm_surgeon.methods.base import Structure
+from llm_surgeon.models.layouts import TargetLinear, decoder_layers
+from llm_surgeon.models.units import unit_groups
+
+
+class LayerwiseMethod(Protocol):
+    """A method that prunes each linear from statistics of its own inputs."""
+
+    name: str
+    kind: str  # "layerwise"
+    structures: tuple[str, ...]
+
+    def prune_linear(
+        self, W: torch.Tensor, H: torch.Tensor, structure: Structure, sparsity: float
+    ) -> torch.Tensor:
+        """New weight (removed entries exactly zero) from W (out, in) and H = XᵀX (in, in)."""
+        ...
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: Any, windows: torch.Tensor, batch_size: int, progress: bool = False
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Hidden states entering decoder layer 0 and the keyword arguments the model passes to its
+    layers (attention mask, rotary embeddings, positions), one entry per batch of windows."""
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def grab(_module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), {k: v for k, v in kwargs.items()
+                                           if k != "hidden_states"}))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in tqdm(range(0, windows.shape[0], batch_size), desc="layer-0 inputs",
+                      leave=False, disable=not progress):
+            with contextlib.suppress(_Stop):
+                model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _layer_out(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: Any,
+    targets: list[TargetLinear],
+    method: LayerwiseMethod,
+    structure: Structure,
+    sparsity: float,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> None:
+    """Prune every targeted linear of ``model`` in place, layer by layer."""
+    inputs = capture_layer_inputs(model, windows, batch_size, progress)
+    layers = decoder_layers(model)
+    by_layer: dict[int, list[TargetLinear]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer_index, []).append(t)
+    for index in tqdm(range(len(layers)), desc=f"{method.name}: layers", disable=not progress):
+        layer = layers[index]
+        mine = by_layer.get(index, [])
+        grams: dict[int, torch.Tensor] = {}  # keyed by module: q/k/v share an input
+        handles = []
+        for t in mine:
+            key = id(t.module)
+
+            def hook(_m: Any, args: tuple, _out: Any, key: int = key,
+                     grams: dict[int, torch.Tensor] = grams) -> None:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                if key in grams:
+                    grams[key] += x.T @ x
+                else:
+                    grams[key] = x.T @ x
+
+            handles.append(t.module.register_forward_hook(hook))
+        try:
+            for hidden, kwargs in inputs:
+                layer(hidden, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for t in mine:
+            W = t.module.weight.detach()
+            new = method.prune_linear(W.float(), grams.pop(id(t.module)).float(), structure,
+                                      sparsity)
+            t.module.weight.copy_(new.to(W.dtype))
+        inputs = [(_layer_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+
+
+@torch.no_grad()
+def run_unit_scoring(
+    model: Any,
+    targets: list[TargetLinear],
+    method: Any,
+    sparsity: float,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> None:
+    """Remove coupled units chosen by one global ranking of ``method.unit_scores`` (lowest
+    first) until ``sparsity`` of the decoder-linear parameters is gone; compensate every output
+    projection with ``method.compensate``; zero every removed unit's other rows."""
+    from llm_surgeon.curvature.kfac import collect_activations
+
+    groups = unit_groups(model, targets)
+    outs = [next(p for p in g.parts if p.axis == "cols") for g in groups]
+    A = collect_activations(model, [p.target for p in outs], windows, batch_size,
+                            progress=progress, desc=f"{method.name}: XᵀX")
+    H = {}
+    for p in outs:
+        d = p.target.module.in_features
+        H[p.target.name] = A[p.target.name][:d, :d]  # drop the bias (constant-1) input
+    scores = [
+        method.unit_scores(p.target.module.weight.detach(), H[p.target.name], p.width, g.count,
+                           1.0 - sparsity)
+        for g, p in zip(groups, outs, strict=True)
+    ]
+    total = sum(t.module.weight.numel() + (t.module.bias.numel() if t.has_bias else 0)
+                for t in targets)
+    masks = threshold.select_units(scores, [g.params_per_unit() for g in groups],
+                                   threshold.target_count(total, sparsity), per_param=False)
+    for g, p, mask in zip(groups, outs, masks, strict=True):
+        chosen = torch.nonzero(mask).reshape(-1)
+        if chosen.numel() == 0:
+            continue
+        lin = p.target.module
+        keep = torch.ones(lin.in_features, dtype=torch.bool)
+        keep[p.indices(chosen)] = False
+        new = method.compensate(lin.weight.detach().float(), H[p.target.name].float(), keep)
+        lin.weight.copy_(new.to(lin.weight.dtype))
+        g.zero(chosen)

@@ -1,0 +1,152 @@
+"""The layer-wise driver (SparseGPT, Wanda, mAIHT): every layer is pruned from statistics of
+the outputs of the already-pruned layers before it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_surgeon.layerwise import run_layerwise
+from llm_surgeon.methods.base import Structure
+from llm_surgeon.methods.sparsegpt import SparseGPTMethod
+from llm_surgeon.methods.surgeon import check_nm
+from llm_surgeon.methods.wanda import WandaMethod
+from llm_surgeon.models.layouts import decoder_linears
+from llm_surgeon.run import prune
+from tests.conftest import tiny_model
+from tests.test_prune import _cfg
+
+
+class Recorder:
+    """Wanda that remembers the H it was given for every weight it pruned."""
+
+    name = "recorder"
+    kind = "layerwise"
+    structures = ("unstructured",)
+
+    def __init__(self):
+        self.inner = WandaMethod()
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def prune_linear(self, W, H, structure, sparsity):
+        new = self.inner.prune_linear(W, H, structure, sparsity)
+        self.seen.append((new.clone(), H.clone()))
+        return new
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_statistics_come_from_the_pruned_prefix(family):
+    """H handed to each layer equals XᵀX of that linear's inputs in the *final* pruned model
+    (inputs of layer ℓ depend only on layers < ℓ, all pruned by then): the driver really feeds
+    each layer the outputs of the pruned layers before it."""
+    model = tiny_model(family)
+    windows = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    rec = Recorder()
+    targets = decoder_linears(model)
+    run_layerwise(model, targets, rec, Structure("unstructured"), 0.5, windows, batch_size=2,
+                  progress=False)
+    grams = {}
+
+    def hook(mod, args, _out):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        grams[mod] = grams.get(mod, 0) + x.T @ x
+
+    handles = [t.module.register_forward_hook(hook) for t in targets]
+    with torch.no_grad():
+        for i in range(0, 3, 2):
+            model(input_ids=windows[i : i + 2], use_cache=False)
+    for h in handles:
+        h.remove()
+    assert len(rec.seen) == len(targets)
+    dense_grams_differ = False
+    for t, (W_new, H) in zip(targets, rec.seen, strict=True):
+        # o, gate/up and down read inputs computed inside this very layer, whose statistics are
+        # taken before it is pruned (the papers' default); q/k/v read the layer's input
+        if t.role not in ("attn.q", "attn.k", "attn.v"):
+            continue
+        torch.testing.assert_close(H.double(), grams[t.module], rtol=1e-4, atol=1e-4)
+        assert torch.equal(t.module.weight, W_new)
+        dense_grams_differ |= t.layer_index > 0
+    assert dense_grams_differ
+
+
+def test_layerwise_sparsegpt_matches_direct_call_on_first_layer():
+    model = tiny_model("llama")
+    ref = tiny_model("llama")
+    windows = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    targets = decoder_linears(model)
+    H = {}
+
+    def hook(mod, args, _out):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        H[mod] = H.get(mod, 0) + x.T @ x
+
+    q_ref = decoder_linears(ref)[0].module
+    h = q_ref.register_forward_hook(hook)
+    with torch.no_grad():
+        ref(input_ids=windows, use_cache=False)
+    h.remove()
+    method = SparseGPTMethod()
+    run_layerwise(model, targets, method, Structure("nm", 2, 4), 0.5, windows, progress=False)
+    want = method.prune_linear(q_ref.weight.detach().float(), H[q_ref].float(),
+                               Structure("nm", 2, 4), 0.5)
+    torch.testing.assert_close(targets[0].module.weight.detach(), want, rtol=1e-5, atol=1e-6)
+    assert all(check_nm(t.module.weight.detach(), 2, 4) for t in targets)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "maiht"])
+def test_layerwise_methods_behind_prune(tiny_model_dirs, sample_text_file, method):
+    report = prune(_cfg(tiny_model_dirs["llama"], sample_text_file, method=method,
+                        sparsity=0.5, shots=5), progress=False)
+    assert abs(report["sparsity_achieved"] - 0.5) <= 0.005
+    assert len(report["shots"]) == 1  # one pass over the layers, whatever --shots says
+    per_layer = [entry["sparsity"] for entry in report["layers"]]
+    assert max(abs(x - 0.5) for x in per_layer) < 0.01  # the target in every layer
+
+
+def test_maiht_refuses_nm(tiny_model_dirs, sample_text_file):
+    from llm_surgeon.errors import UserError
+
+    with pytest.raises(UserError, match="does not support"):
+        prune(_cfg(tiny_model_dirs["llama"], sample_text_file, method="maiht", structure="2:4"),
+              progress=False)
+
+
+def test_numerical_units_compensate_and_shrink():
+    """Numerical pruning removes whole units chosen by one ranking over all layers, and its
+    compensation makes each output projection reproduce its dense output better than zeroing
+    the same channels does (on the calibration inputs it was fitted to)."""
+    from llm_surgeon.layerwise import run_unit_scoring
+    from llm_surgeon.methods.numerical import NumericalMethod
+    from llm_surgeon.models.shrink import shrink_model
+    from llm_surgeon.models.units import unit_groups
+
+    model = tiny_model("llama")
+    dense = tiny_model("llama")
+    windows = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(2))
+    targets = decoder_linears(model)
+    down0 = next(t for t in targets if t.role == "mlp.down" and t.layer_index == 0).module
+    xs = []
+    h = next(t for t in decoder_linears(dense) if t.role == "mlp.down"
+             and t.layer_index == 0).module.register_forward_hook(
+        lambda m, a, o: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        dense(input_ids=windows, use_cache=False)
+    h.remove()
+    X = torch.cat(xs)
+    W_dense = down0.weight.detach().clone()
+    run_unit_scoring(model, targets, NumericalMethod(percdamp=1e-6), 0.3, windows,
+                     batch_size=4, progress=False)
+    gone = (down0.weight == 0).all(0)
+    assert 0 < int(gone.sum()) < gone.numel()
+    zeroed = W_dense.masked_fill(gone[None, :], 0)
+    err_comp = (X @ down0.weight.T - X @ W_dense.T).norm()
+    err_zero = (X @ zeroed.T - X @ W_dense.T).norm()
+    assert err_comp < 0.9 * err_zero
+    groups = unit_groups(model)
+    removed = sum(int(g.removed().sum()) * g.params_per_unit() for g in groups)
+    total = sum(t.module.weight.numel() for t in targets)
+    assert 0.3 - 0.15 < removed / total <= 0.3  # coarse units in a tiny model
+    before = sum(p.numel() for p in model.parameters())
+    shrink_model(model)
+    assert sum(p.numel() for p in model.parameters()) == before - removed
