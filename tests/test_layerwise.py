@@ -104,12 +104,13 @@ def test_layerwise_methods_behind_prune(tiny_model_dirs, sample_text_file, metho
     assert max(abs(x - 0.5) for x in per_layer) < 0.01  # the target in every layer
 
 
-def test_maiht_refuses_nm(tiny_model_dirs, sample_text_file):
+def test_layerwise_methods_refuse_structured(tiny_model_dirs, sample_text_file):
     from llm_surgeon.errors import UserError
 
-    with pytest.raises(UserError, match="does not support"):
-        prune(_cfg(tiny_model_dirs["llama"], sample_text_file, method="maiht", structure="2:4"),
-              progress=False)
+    for method in ("maiht", "sparsegpt", "wanda"):
+        with pytest.raises(UserError, match="does not support"):
+            prune(_cfg(tiny_model_dirs["llama"], sample_text_file, method=method,
+                       structure="rows-columns", sparsity=0.2), progress=False)
 
 
 def test_numerical_units_compensate_and_shrink():

@@ -145,3 +145,36 @@ def test_dtype_and_validation():
         maiht_prune(W, H[:5, :5], 0.5)
     with pytest.raises(ValueError):
         maiht_prune(W, H, 0.5, mu_mode="bogus")  # type: ignore[arg-type]
+
+
+def test_nm_projection_is_the_exact_euclidean_projection():
+    """Brute force over every 2-of-4 support of each group: the kept entries are the closest
+    2:4 matrix."""
+    from itertools import combinations
+
+    from llm_surgeon.methods.maiht import hard_threshold_nm
+
+    V = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    P, keep = hard_threshold_nm(V, 2, 4)
+    for r in range(3):
+        for g in range(2):
+            block = V[r, 4 * g : 4 * g + 4]
+            best = min(
+                (float((block - block * torch.tensor([i in c for i in range(4)])).square().sum()),
+                 c) for c in combinations(range(4), 2))
+            got = float((block - P[r, 4 * g : 4 * g + 4]).square().sum())
+            assert got == pytest.approx(best[0], abs=1e-12)
+            assert int(keep[r, 4 * g : 4 * g + 4].sum()) == 2
+
+
+def test_nm_maiht_is_monotone_valid_and_beats_wanda_nm():
+    from llm_surgeon.methods.surgeon import check_nm
+    from llm_surgeon.methods.wanda import wanda_mask, wanda_scores
+
+    X, W = _problem(seed=3, rows=8, cols=16, n=80)
+    H = X.T @ X
+    out, hist = maiht_prune(W, H, 0.5, mu=0.0, nm=(2, 4), return_history=True)
+    assert all(b <= a + 1e-9 for a, b in pairwise(hist))
+    assert check_nm(out, 2, 4)
+    wanda = W.masked_fill(wanda_mask(wanda_scores(W, torch.diagonal(H)), n=2, m=4), 0)
+    assert _raw_objective(X, W, out, 0.0) < _raw_objective(X, W, wanda, 0.0)

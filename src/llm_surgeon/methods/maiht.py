@@ -78,7 +78,14 @@ import torch
 
 from llm_surgeon.methods.sparsegpt import num_to_prune
 
-__all__ = ["MAIHTMethod", "hard_threshold", "maiht_objective", "maiht_prune", "resolve_mu"]
+__all__ = [
+    "MAIHTMethod",
+    "hard_threshold",
+    "hard_threshold_nm",
+    "maiht_objective",
+    "maiht_prune",
+    "resolve_mu",
+]
 
 
 def maiht_objective(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor, mu: float) -> float:
@@ -119,6 +126,22 @@ def hard_threshold(
     return torch.where(keep, V, torch.zeros_like(V)), keep
 
 
+def hard_threshold_nm(
+    V: torch.Tensor, n: int, m: int, scores: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projection onto the N:M set: in every group of ``m`` consecutive columns of each row keep
+    the ``n`` entries with the largest ``scores`` (default ``|V|``). The set is a product of
+    per-group sets, so this is the exact Euclidean projection (the IHT step stays valid)."""
+    rows, cols = V.shape
+    if cols % m:
+        raise ValueError(f"in_features={cols} is not a multiple of m={m}")
+    s = (V.abs() if scores is None else scores).reshape(rows, cols // m, m)
+    keep = torch.zeros_like(s, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(s, n, dim=2).indices, True)
+    keep = keep.reshape(rows, cols)
+    return torch.where(keep, V, torch.zeros_like(V)), keep
+
+
 def maiht_prune(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -133,6 +156,7 @@ def maiht_prune(
     init: Literal["wanda", "magnitude"] = "wanda",
     refine: Literal["cg", "pgd"] = "cg",
     per_row: bool = False,
+    nm: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, list[float]]:
     """Prune ``W`` with monotone accelerated adaptive IHT, then refine on the support.
 
@@ -155,6 +179,9 @@ def maiht_prune(
         init: warm start, ``"wanda"`` or ``"magnitude"``.
         refine: ``"cg"`` (conjugate gradients) or ``"pgd"`` (projected gradient).
         per_row: keep ``in − ⌊sparsity · in⌋`` weights in every row instead of ``k`` per layer.
+        nm: ``(n, m)``: the constraint set is N:M instead (at most ``n`` nonzeros in every group
+            of ``m`` consecutive inputs of a row; ``sparsity`` is then ignored); every hard
+            threshold is the exact projection :func:`hard_threshold_nm`.
 
     Returns:
         ``Ŵ`` in ``W``'s dtype with at most ``k`` nonzeros (``(Ŵ, history)`` if requested).
@@ -182,6 +209,12 @@ def maiht_prune(
     L = 2.0 * (lam_max + mu_abs)
     eta = step_scale / L if L > 0 else 0.0
 
+    def project(V: torch.Tensor, scores: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if nm is not None:
+            return hard_threshold_nm(V, nm[0], nm[1], scores)
+        return hard_threshold(V, k, per_row, scores=scores)
+
     def prod(V: torch.Tensor) -> torch.Tensor:  # (V − W) H
         return (V - W0) @ Hw
 
@@ -194,9 +227,9 @@ def maiht_prune(
     # warm start
     if init == "wanda":
         s = W0.abs() * torch.diagonal(Hw).clamp_min(0).sqrt().unsqueeze(0)
-        x, supp = hard_threshold(W0, k, per_row, scores=s)
+        x, supp = project(W0, scores=s)
     elif init == "magnitude":
-        x, supp = hard_threshold(W0, k, per_row)
+        x, supp = project(W0)
     else:
         raise ValueError(f"init must be 'wanda' or 'magnitude', got {init!r}")
     Px = prod(x)
@@ -211,12 +244,12 @@ def maiht_prune(
         a, b = t_prev / t, (t_prev - 1.0) / t
         y = x + a * (z - x) + b * (x - x_prev)
         Py = Px + a * (Pz - Px) + b * (Px - Px_prev)  # (·−W)H is affine
-        z, z_supp = hard_threshold(y - eta * grad(y, Py), k, per_row)
+        z, z_supp = project(y - eta * grad(y, Py))
         Pz = prod(z)
         fz = obj(z, Pz)
         best = (fz, z, Pz, z_supp) if fz <= fx else None
         if best is None:
-            v, v_supp = hard_threshold(x - eta * grad(x, Px), k, per_row)
+            v, v_supp = project(x - eta * grad(x, Px))
             Pv = prod(v)
             fv = obj(v, Pv)
             cands = [(fz, z, Pz, z_supp), (fv, v, Pv, v_supp)]
@@ -275,11 +308,12 @@ def maiht_prune(
 
 
 class MAIHTMethod:
-    """mAIHT behind the layer-wise driver: unstructured, the target sparsity in every layer."""
+    """mAIHT behind the layer-wise driver: unstructured (the target sparsity in every layer) or
+    N:M (hard thresholding projects onto the N:M set)."""
 
     name = "maiht"
     kind = "layerwise"
-    structures = ("unstructured",)
+    structures = ("unstructured", "nm")
 
     def __init__(self, mu: float = 0.1, iht_iters: int = 50, refine_iters: int = 30,
                  step_scale: float = 0.95) -> None:
@@ -290,7 +324,8 @@ class MAIHTMethod:
 
     def prune_linear(self, W: torch.Tensor, H: torch.Tensor, structure, sparsity: float
                      ) -> torch.Tensor:
+        nm = (structure.n, structure.m) if structure.kind == "nm" else None
         out = maiht_prune(W, H, sparsity, mu=self.mu, iht_iters=self.iht_iters,
-                          refine_iters=self.refine_iters, step_scale=self.step_scale)
+                          refine_iters=self.refine_iters, step_scale=self.step_scale, nm=nm)
         assert isinstance(out, torch.Tensor)
         return out
