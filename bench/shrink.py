@@ -1,6 +1,7 @@
 """Structured pruning that really shrinks (issue 4), on the bundled default.
 
     .venv/bin/python bench/shrink.py            # resumes: finished prunes are reused
+    .venv/bin/python bench/shrink.py --prune-only   # only the prunes (speed needs a quiet box)
 
 1. LLM Surgeon in coupled units (heads in whole KV groups, MLP channels), 32 x 512 calibration
    tokens, at 20 % (5 shots) and 30 % (3 shots) of the decoder-linear parameters; each pruned
@@ -74,6 +75,10 @@ def reload_diff(folder: Path) -> float:
 
 
 def main() -> None:
+    if "--prune-only" in sys.argv:
+        for s, shots in LEVELS.items():
+            pruned_model(s, shots)
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     dense = size_and_params(DENSE)
     rows = []

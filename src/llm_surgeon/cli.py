@@ -312,9 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--output",
-        required=True,
         metavar="DIR",
-        help="folder for the pruned model and report.json (written atomically)",
+        help="folder for the pruned model and report.json (written atomically); while the run "
+        "lasts it holds DIR/checkpoint/, rewritten after every shot",
+    )
+    pr.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the killed run whose --output was DIR, with the settings it recorded "
+        "(every other option is ignored)",
     )
     pr.set_defaults(func=cmd_prune)
 
@@ -410,6 +416,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from llm_surgeon.config import PruneConfig
     from llm_surgeon.run import prune, strip_private
 
+    if args.resume:
+        from llm_surgeon.run import resume
+
+        report = strip_private(resume(args.resume, progress=not args.quiet))
+        args.output = args.resume
+        _print_prune(report, args.output)
+        return 0
+    if not args.output:
+        raise UserError("prune needs --output DIR (or --resume DIR)")
     if args.paper:
         args.calib_samples, args.seqlen, args.shots = 128, 2048, 40
     cfg = PruneConfig(
@@ -447,6 +462,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         time_plain_pass=args.time_plain_pass,
     )
     report = strip_private(prune(cfg, progress=not args.quiet))
+    _print_prune(report, args.output)
+    return 0
+
+
+def _print_prune(report: dict[str, Any], output: str) -> None:
     print(f"method            {report['method']} ({report['structure']}, "
           f"{len(report['shots'])} shots)")
     print(
@@ -459,8 +479,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if "shot_cost_ratio" in report:
         print(f"first shot        {report['shot_time_s']:.1f} s = {report['shot_cost_ratio']:.2f}"
               f" x one plain forward+backward ({report['plain_fwd_bwd_s']:.1f} s)")
-    print(f"saved             {args.output} (report.json inside)")
-    return 0
+    print(f"saved             {output} (report.json inside)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

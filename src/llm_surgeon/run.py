@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from llm_surgeon.checkpoint import has_checkpoint, read_state, restore, save_checkpoint
 from llm_surgeon.config import PruneConfig
 from llm_surgeon.curvature.kfac import collect_activations, collect_kfac, nearest_kronecker
 from llm_surgeon.data.corpora import load_text
@@ -271,6 +272,15 @@ def _select(
     return {k: Removal(mask=m) for k, m in masks.items()}
 
 
+def _test_kill_point(shot: int, phase: str) -> None:
+    """Tests of resume set ``LLM_SURGEON_KILL_AT=SHOT:PHASE`` to SIGKILL the process there."""
+    import os
+    import signal
+
+    if os.environ.get("LLM_SURGEON_KILL_AT") == f"{shot}:{phase}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run_shot(
     model: Any,
     targets: list[TargetLinear],
@@ -316,7 +326,11 @@ def run_shot(
         )
     del costs
     with timer("update"):
-        for t in tqdm(targets, desc=f"shot {shot}: updates", leave=False, disable=not progress):
+        for i, t in enumerate(
+            tqdm(targets, desc=f"shot {shot}: updates", leave=False, disable=not progress)
+        ):
+            if i == len(targets) // 2:
+                _test_kill_point(shot, "update")  # half the layers updated: mid-shot
             W_new = method.apply(weights[t.name], curv[t.name], removals[t.name], structure)
             write_augmented(t, W_new)
             curv[t.name] = Curvature()  # free memory as we go
@@ -364,19 +378,37 @@ def layer_report(targets: list[TargetLinear]) -> tuple[list[dict[str, Any]], dic
     return layers, {k: z / n for k, (z, n) in by_type.items()}
 
 
+def resume(out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Continue a run whose ``--output`` folder holds a checkpoint, with its recorded settings."""
+    state = read_state(out_dir)
+    cfg = PruneConfig(**{**state["settings"], "output": str(out_dir)})
+    return prune(cfg, progress=progress, _resume=state)
+
+
 def prune(
-    cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = None
+    cfg: PruneConfig,
+    progress: bool = True,
+    dense_ppl: float | None = None,
+    _resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a whole pruning job; return the report (and save the model if ``cfg.output``).
 
     ``dense_ppl``: the dense model's perplexity under the same evaluation settings when already
-    known (the bench shares it between runs), so it is not measured again.
+    known (the bench shares it between runs), so it is not measured again. With an output
+    folder, a checkpoint is written there after every shot (see ``checkpoint.py``); use
+    :func:`resume` to continue a killed run.
     """
     structure = cfg.validate()
     method = get_method(cfg.method, cfg)
     out_dir = Path(cfg.output) if cfg.output else None
+    if _resume is None and out_dir is not None and has_checkpoint(out_dir):
+        raise UserError(
+            f"--output {out_dir} holds an unfinished run; continue it with "
+            f"`llm-surgeon prune --resume {out_dir}` or choose a new folder"
+        )
     if (
-        out_dir is not None
+        _resume is None
+        and out_dir is not None
         and out_dir.exists()
         and any(out_dir.iterdir())
         and not (out_dir / "report.json").is_file()
@@ -430,21 +462,31 @@ def prune(
             "threads": torch.get_num_threads(),
         },
     }
-    report["ppl_dense"] = (
-        dense_ppl if dense_ppl is not None and cfg.eval else evaluate("dense perplexity")
-    )
-    if cfg.time_plain_pass:
-        report["plain_fwd_bwd_s"] = plain_forward_backward_time(
-            model, windows, cfg.batch_size, progress
+    shots: list[dict[str, Any]] = []
+    if _resume is not None:
+        assert out_dir is not None
+        restore(out_dir, targets, _resume)
+        report.update(_resume["report"])
+        shots = list(_resume["shots"])
+        for k, v in _resume["phases"].items():
+            timer.phases[k] = dict(v)
+    else:
+        report["ppl_dense"] = (
+            dense_ppl if dense_ppl is not None and cfg.eval else evaluate("dense perplexity")
         )
+        if cfg.time_plain_pass:
+            report["plain_fwd_bwd_s"] = plain_forward_backward_time(
+                model, windows, cfg.batch_size, progress
+            )
     target = report["sparsity_target"]
     # layer-wise methods (SparseGPT, Wanda, mAIHT) and Numerical pruning prune in one pass
     kind = getattr(method, "kind", "global")
     layerwise = kind == "layerwise"
     n_shots = 1 if kind in ("layerwise", "units") else cfg.shots
-    shots = []
-    start = time.perf_counter()
-    for shot in tqdm(range(1, n_shots + 1), desc=f"{cfg.method} shots", disable=not progress):
+    start = time.perf_counter() - sum(s["time_s"] for s in shots)
+    for shot in tqdm(range(len(shots) + 1, n_shots + 1), desc=f"{cfg.method} shots",
+                     initial=len(shots), total=n_shots, disable=not progress):
+        _test_kill_point(shot, "start")
         t0 = time.perf_counter()
         before = {k: dict(v) for k, v in timer.phases.items()}
         shot_target = threshold.linear_schedule(shot, n_shots, target)
@@ -496,6 +538,14 @@ def prune(
         if cfg.eval_every_shot and shot < cfg.shots:
             entry["ppl"] = evaluate(f"shot {shot} perplexity")
         shots.append(entry)
+        if out_dir is not None and shot < n_shots:
+            keep = ("ppl_dense", "plain_fwd_bwd_s")
+            save_checkpoint(out_dir, targets, {
+                "settings": asdict(cfg),
+                "shots": shots,
+                "report": {k: report[k] for k in keep if k in report},
+                "phases": timer.phases,
+            })
     report["prune_time_s"] = time.perf_counter() - start
     if cfg.time_plain_pass and shots:
         pruning = ("curvature", "costs", "threshold", "update")

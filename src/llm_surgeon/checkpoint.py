@@ -1,0 +1,102 @@
+"""Checkpoints of a multi-shot run, so that a killed run costs at most one shot.
+
+After every shot the driver writes ``DIR/checkpoint/``: the decoder linears' weights and biases
+(the only tensors pruning changes) as safetensors, and ``state.json`` with the settings, the
+shots done, the report so far and the torch RNG state. It is written to a temporary folder and
+renamed, so a kill at any moment leaves either the previous checkpoint or the new one, whole.
+``llm-surgeon prune --resume DIR`` reloads the model named in the settings, puts the checkpointed
+tensors back and runs the remaining shots. The finished model replaces the folder (checkpoint
+included) atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_surgeon.errors import UserError
+from llm_surgeon.models.layouts import TargetLinear
+
+CHECKPOINT = "checkpoint"
+VERSION = 1
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CHECKPOINT
+
+
+def has_checkpoint(out_dir: str | Path) -> bool:
+    return (checkpoint_dir(out_dir) / "state.json").is_file()
+
+
+def _tensors(targets: list[TargetLinear]) -> dict[str, torch.Tensor]:
+    out = {}
+    for t in targets:
+        out[f"{t.name}.weight"] = t.module.weight.detach().contiguous().cpu()
+        if t.module.bias is not None:
+            out[f"{t.name}.bias"] = t.module.bias.detach().contiguous().cpu()
+    return out
+
+
+def save_checkpoint(out_dir: str | Path, targets: list[TargetLinear], state: dict[str, Any]
+                    ) -> None:
+    """Write the checkpoint atomically (temporary sibling folder, then rename)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(out_dir)
+    tmp = out_dir / f".{CHECKPOINT}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(_tensors(targets), str(tmp / "weights.safetensors"))
+        payload = {**state, "version": VERSION,
+                   "rng": torch.get_rng_state().tolist()}
+        (tmp / "state.json").write_text(json.dumps(payload) + "\n")
+        if final.exists():
+            old = out_dir / f".{CHECKPOINT}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_state(out_dir: str | Path) -> dict[str, Any]:
+    path = checkpoint_dir(out_dir) / "state.json"
+    if not path.is_file():
+        raise UserError(f"--resume {out_dir}: no checkpoint there (expected {path})")
+    try:
+        state = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"--resume {out_dir}: checkpoint state is corrupt ({path})") from None
+    if state.get("version") != VERSION:
+        raise UserError(f"--resume {out_dir}: checkpoint version {state.get('version')} is not "
+                        f"{VERSION}")
+    return state
+
+
+@torch.no_grad()
+def restore(out_dir: str | Path, targets: list[TargetLinear], state: dict[str, Any]) -> None:
+    """Put the checkpointed tensors back into the model and restore the RNG state."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(checkpoint_dir(out_dir) / "weights.safetensors"))
+    for t in targets:
+        for name, p in ((f"{t.name}.weight", t.module.weight), (f"{t.name}.bias", t.module.bias)):
+            if p is None:
+                continue
+            if name not in saved or saved[name].shape != p.shape:
+                raise UserError(f"--resume {out_dir}: checkpoint does not match the model "
+                                f"({name})")
+            p.copy_(saved[name].to(p.dtype))
+    torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
