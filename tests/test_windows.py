@@ -24,14 +24,14 @@ def test_calibration_windows_are_seeded_and_reproducible():
 def test_calibration_windows_never_out_of_range():
     # Text just one token longer than a window: only two valid offsets exist.
     ids = torch.arange(11) * 7
-    w = calibration_windows(ids, 200, 10, seed=0)
+    w = torch.cat([calibration_windows(ids, 1, 10, seed=s) for s in range(200)])
     starts = {int(row[0]) // 7 for row in w}
     assert starts <= {0, 1} and starts == {0, 1}
     for row in w:
         assert _is_window_of(ids, row)
     # Random text: every window is a contiguous piece of the stream.
     ids = torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(1))
-    for row in calibration_windows(ids, 20, 17, seed=5):
+    for row in calibration_windows(ids, 17, 17, seed=5):
         assert _is_window_of(ids, row)
 
 
@@ -57,3 +57,10 @@ def test_text_shorter_than_a_window_rejected():
         evaluation_windows(torch.arange(5), 10)
     with pytest.raises(UserError, match="shorter than one"):
         calibration_windows(torch.arange(10), 1, 10)
+
+
+def test_calibration_request_longer_than_the_text_is_refused():
+    ids = torch.arange(100)
+    calibration_windows(ids, 10, 10)  # exactly the text: fine
+    with pytest.raises(UserError, match="fewer than the 11 x 10"):
+        calibration_windows(ids, 11, 10)

@@ -138,7 +138,9 @@ def estimate_curvature(
             progress=progress,
             desc=f"shot {shot}: activations A",
         )
-        return {name: Curvature(A=a) for name, a in A.items()}
+        out = {name: Curvature(A=a) for name, a in A.items()}
+        check_finite(out)
+        return out
     factors = collect_kfac(
         model,
         targets,
@@ -160,7 +162,21 @@ def estimate_curvature(
             seed=cfg.seed + shot,
             progress=progress,
         )
-    return {name: Curvature(A=f.A, G=f.G) for name, f in factors.items()}
+    out = {name: Curvature(A=f.A, G=f.G) for name, f in factors.items()}
+    check_finite(out)
+    return out
+
+
+def check_finite(curv: dict[str, Curvature]) -> None:
+    """A NaN or Inf in a curvature factor is an error that names the layer."""
+    for name, c in curv.items():
+        for label, M in (("A", c.A), ("G", c.G)):
+            if M is not None and not bool(torch.isfinite(M).all()):
+                raise UserError(
+                    f"curvature factor {label} of {name} has NaN/Inf values (non-finite "
+                    "activations or gradients); check the model's weights, or try more damping "
+                    "(--damp-g/--damp-a), more calibration data or --dtype float32"
+                )
 
 
 def select_removals(

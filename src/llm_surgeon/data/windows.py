@@ -67,6 +67,11 @@ def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -
     (ids, n, seqlen, seed) always gives the same windows, whatever else used the global RNG.
     """
     _check(ids, seqlen, n, "calibration")
+    if n * seqlen > ids.numel():
+        raise UserError(
+            f"the calibration text has {ids.numel()} tokens, fewer than the {n} x {seqlen} = "
+            f"{n * seqlen} requested; use a longer text or fewer/shorter windows"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
