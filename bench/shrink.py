@@ -4,7 +4,7 @@
     .venv/bin/python bench/shrink.py --prune-only   # only the prunes (speed needs a quiet box)
 
 1. LLM Surgeon in coupled units (heads in whole KV groups, MLP channels), 32 x 512 calibration
-   tokens, at 20 % (5 shots) and 30 % (3 shots) of the decoder-linear parameters; each pruned
+   tokens, at 20 % (5 shots) and 30 % (2 shots) of the decoder-linear parameters; each pruned
    model is physically shrunk and saved (safetensors + per-layer sizes) under ``out/bench-shrink/``,
    with the logits of the in-memory model on fixed inputs beside it.
 2. Each saved model is reloaded with ``llm_surgeon.load`` in a fresh process and its logits are
@@ -34,7 +34,7 @@ MODELS = ROOT / "out" / "bench-shrink"
 RESULTS = ROOT / "bench" / "shrink"
 DENSE = "smollm2-135m"
 TORCH_PRUNING_PPL = 137.6  # independent run quoted by issue 4 (Taylor importance, same size)
-LEVELS = {0.2: 5, 0.3: 3}  # removed fraction -> shots (the 30 % model is for size and speed)
+LEVELS = {0.2: 5, 0.3: 2}  # removed fraction -> shots (the 30 % model is for size and speed)
 
 
 def _probe_ids(vocab: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from llm_surgeon import distributed
 from llm_surgeon.methods import threshold
 from llm_surgeon.methods.base import Structure
 from llm_surgeon.models.layouts import TargetLinear, decoder_layers
@@ -58,6 +59,7 @@ def capture_layer_inputs(
     layers (attention mask, rotary embeddings, positions), one entry per batch of windows."""
     layers = decoder_layers(model)
     device = next(model.parameters()).device
+    windows = distributed.shard(windows)  # torchrun: this rank's share; Grams are all-reduced
     captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
     def grab(_module: Any, args: tuple, kwargs: dict) -> None:
@@ -121,6 +123,8 @@ def run_layerwise(
         finally:
             for h in handles:
                 h.remove()
+        for t in mine:
+            distributed.all_reduce_sum_(grams[id(t.module)])
         for t in mine:
             W = t.module.weight.detach()
             new = method.prune_linear(W.float(), grams.pop(id(t.module)).float(), structure,

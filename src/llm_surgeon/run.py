@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from llm_surgeon import distributed
 from llm_surgeon.checkpoint import has_checkpoint, read_state, restore, save_checkpoint
 from llm_surgeon.config import PruneConfig
 from llm_surgeon.curvature.kfac import collect_activations, collect_kfac, nearest_kronecker
@@ -356,6 +357,17 @@ def run_shot(
             remove_dead_units(units)
 
 
+@torch.no_grad()
+def sync_weights(targets: list[TargetLinear]) -> None:
+    """Under torchrun, give every rank rank 0's decoder weights (a no-op otherwise)."""
+    if not distributed.active():
+        return
+    for t in targets:
+        distributed.broadcast_(t.module.weight.data)
+        if t.module.bias is not None:
+            distributed.broadcast_(t.module.bias.data)
+
+
 def plain_forward_backward_time(
     model: Any, windows: torch.Tensor, batch_size: int, progress: bool
 ) -> float:
@@ -416,6 +428,7 @@ def prune(
     """
     structure = cfg.validate()
     method = get_method(cfg.method, cfg)
+    distributed.init_from_env(cfg.device)  # a no-op unless launched by torchrun
     out_dir = Path(cfg.output) if cfg.output else None
     if _resume is None and out_dir is not None and has_checkpoint(out_dir):
         raise UserError(
@@ -523,6 +536,7 @@ def prune(
                 model, targets, method, structure, shot_target, windows, cfg, shot, timer,
                 progress,
             )
+        sync_weights(targets)  # torchrun: every rank continues from rank 0's weights
         if cfg.lowrank_rank > 0 and cfg.lowrank_steps > 0 and shot < n_shots:
             from llm_surgeon.methods.lowrank import first_order_correction
 
@@ -554,7 +568,7 @@ def prune(
         if cfg.eval_every_shot and shot < cfg.shots:
             entry["ppl"] = evaluate(f"shot {shot} perplexity")
         shots.append(entry)
-        if out_dir is not None and shot < n_shots:
+        if out_dir is not None and shot < n_shots and distributed.is_main():
             keep = ("ppl_dense", "plain_fwd_bwd_s")
             save_checkpoint(out_dir, targets, {
                 "settings": asdict(cfg),
@@ -591,7 +605,7 @@ def prune(
         shots[-1]["ppl"] = report["ppl"]
     report["phases"] = timer.phases
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():
         save_atomically(
             model,
             tokenizer,

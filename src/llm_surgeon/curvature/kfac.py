@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from llm_surgeon import distributed
 from llm_surgeon.config import FISHER_KINDS
 from llm_surgeon.models.layouts import TargetLinear
 
@@ -127,6 +128,19 @@ class _Collector:
             self.gcount[target.name] += g.shape[0]
 
         return hook
+
+    def all_reduce(self) -> None:
+        """Under torchrun: sum every running sum over ranks (same order on every rank)."""
+        if not distributed.active():
+            return
+        for stats in self.inputs:
+            distributed.all_reduce_sum_(stats.xtx)
+            distributed.all_reduce_sum_(stats.xsum)
+            stats.count = distributed.all_reduce_int(stats.count)
+        for t in self.targets:
+            if t.name in self.gsum:
+                distributed.all_reduce_sum_(self.gsum[t.name])
+                self.gcount[t.name] = distributed.all_reduce_int(self.gcount[t.name])
 
     def attach(self) -> None:
         for t in self.targets:
@@ -226,6 +240,8 @@ def collect_kfac(
         raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
     col = _Collector(targets, dtype)
     device = next(model.parameters()).device
+    windows = distributed.shard(windows)  # torchrun: this rank's share; else all
+    seed = seed + 7919 * distributed.rank()
     gen = torch.Generator(device=device).manual_seed(seed) if fisher == "sampled" else None
     col.attach()
     try:
@@ -239,6 +255,7 @@ def collect_kfac(
                     loss.backward()
     finally:
         col.detach()
+    col.all_reduce()
     out: dict[str, KroneckerFactors] = {}
     for t in targets:
         stats = col.inputs[col.input_of[t.name]]
@@ -264,6 +281,7 @@ def collect_activations(
     """A = E[ā āᵀ] only (forward passes, no gradients): what L-OBD needs."""
     col = _Collector(targets, dtype, want_G=False)
     device = next(model.parameters()).device
+    windows = distributed.shard(windows)
     col.attach()
     try:
         with _eval_mode(model):  # calibration statistics without dropout, as in collect_kfac
@@ -272,6 +290,7 @@ def collect_activations(
                 model(input_ids=batch, use_cache=False)
     finally:
         col.detach()
+    col.all_reduce()
     return {
         t.name: col.inputs[col.input_of[t.name]].second_moment(with_bias=t.has_bias)
         for t in targets

@@ -51,7 +51,10 @@ def evaluate_perplexity(
     desc: str = "perplexity",
 ) -> dict[str, float]:
     """Run every window through ``model``; return ``{"ppl", "nll", "tokens", "windows"}``."""
+    from llm_surgeon import distributed
+
     device = next(model.parameters()).device
+    windows = distributed.shard(windows)  # torchrun: this rank's share, sums reduced below
     total = 0.0
     count = 0
     bar = tqdm(
@@ -71,9 +74,14 @@ def evaluate_perplexity(
         bar.update(batch.shape[0])
         bar.set_postfix(ppl=f"{math.exp(total / count):.2f}")
     bar.close()
+    n_windows = distributed.all_reduce_int(int(windows.shape[0]))
+    if distributed.active():
+        sums = distributed.all_reduce_sum_(torch.tensor([total, float(count)],
+                                                        dtype=torch.float64))
+        total, count = float(sums[0]), int(sums[1])
     return {
         "ppl": perplexity_from_nll(total, count),
         "nll": total / count,
         "tokens": count,
-        "windows": int(windows.shape[0]),
+        "windows": n_windows,
     }
