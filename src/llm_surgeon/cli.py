@@ -336,7 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--tabulate-only", action="store_true",
                     help="only tabulate the runs finished so far; run nothing")
     be.set_defaults(func=cmd_bench)
+
+    rp = sub.add_parser(
+        "report",
+        help="markdown summary with plots of a prune or bench folder",
+        description="Turn a run's JSON into RUN_DIR/summary.md with figures in RUN_DIR/plots/: "
+        "for a pruned model, sparsity by layer and module type and perplexity per shot; for a "
+        "bench folder, perplexity against sparsity per method.",
+    )
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="a prune --output or bench --output")
+    rp.set_defaults(func=cmd_report)
     return parser
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from llm_surgeon.report.summary import write_summary
+
+    path = write_summary(args.run_dir)
+    print(f"wrote {path}")
+    return 0
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

@@ -1,0 +1,129 @@
+"""Figures (PNG, matplotlib, no display needed) from reports and bench results.
+
+* :func:`ppl_vs_sparsity`: perplexity against sparsity, one line per method, one figure per
+  sparsity kind (unstructured, N:M, rows-columns, heads-channels);
+* :func:`layer_heatmap`: achieved sparsity by depth and module type of one pruned model (what
+  the global threshold took from which layer: the picture of the LLM Surgeon paper's Fig. 4);
+* :func:`shot_curve`: perplexity and sparsity after every shot of a multi-shot run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TYPES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _kind(structure: str) -> str:
+    return "N:M" if ":" in structure else structure
+
+
+def ppl_vs_sparsity(rows: Sequence[dict[str, Any]], out_dir: str | Path,
+                    dense_ppl: float | None = None) -> list[Path]:
+    """One PNG per sparsity kind: ``ppl_<kind>.png``; returns the paths written."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("ppl") is not None:
+            by_kind.setdefault(_kind(str(r["structure"])), []).append(r)
+    written = []
+    for kind, rs in sorted(by_kind.items()):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for method in sorted({r["method"] for r in rs}):
+            pts = sorted((float(r["sparsity_achieved"]), float(r["ppl"]), str(r["structure"]))
+                         for r in rs if r["method"] == method)
+            xs = [100 * p[0] for p in pts]
+            ax.plot(xs, [p[1] for p in pts], marker="o", label=method)
+            if kind == "N:M":
+                for x, y, s in pts:
+                    ax.annotate(s, (x, y), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
+        if dense_ppl:
+            ax.axhline(dense_ppl, color="gray", linestyle="--", linewidth=1,
+                       label=f"dense ({dense_ppl:.2f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity of the decoder linears (%)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"perplexity against sparsity: {kind}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"ppl_{kind.replace(':', 'of')}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def layer_heatmap(report: dict[str, Any], path: str | Path) -> Path:
+    """Sparsity (%) by decoder layer (rows) and module type (columns)."""
+    import numpy as np
+
+    plt = _plt()
+    layers = report["layers"]
+    depth = max(int(entry["layer"]) for entry in layers) + 1
+    types = [t for t in TYPES if any(e["type"] == t for e in layers)]
+    grid = np.full((depth, len(types)), np.nan)
+    for e in layers:
+        grid[int(e["layer"]), types.index(e["type"])] = 100 * float(e["sparsity"])
+    fig, ax = plt.subplots(figsize=(4.5, max(3.0, 0.18 * depth + 1.2)), dpi=120)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=100)
+    ax.set_xticks(range(len(types)), types)
+    ax.set_yticks(range(0, depth, max(1, depth // 10)))
+    ax.set_xlabel("module type")
+    ax.set_ylabel("decoder layer (0 = first)")
+    ax.set_title(f"{report['method']} {report['structure']}: sparsity per layer", fontsize=9)
+    fig.colorbar(im, ax=ax, label="sparsity (%)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def shot_curve(report: dict[str, Any], path: str | Path) -> Path | None:
+    """Perplexity (left axis, where measured) and sparsity (right axis) after every shot."""
+    shots = report.get("shots") or []
+    if not shots:
+        return None
+    plt = _plt()
+    xs = [s["shot"] for s in shots]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    with_ppl = [(s["shot"], s["ppl"]) for s in shots if s.get("ppl") is not None]
+    if with_ppl:
+        ax.plot([x for x, _ in with_ppl], [y for _, y in with_ppl], marker="o", color="C0",
+                label="perplexity")
+    if report.get("ppl_dense"):
+        ax.axhline(report["ppl_dense"], color="gray", linestyle="--", linewidth=1,
+                   label="dense")
+    ax.set_xlabel("shot")
+    ax.set_ylabel("perplexity")
+    ax.set_xticks(xs)
+    ax2 = ax.twinx()
+    ax2.plot(xs, [100 * s["sparsity_achieved"] for s in shots], marker="s", color="C1",
+             label="sparsity")
+    ax2.set_ylabel("sparsity (%)")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper left")
+    ax.set_title(f"{report['method']} {report['structure']}: after every shot")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

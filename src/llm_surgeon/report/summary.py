@@ -1,0 +1,81 @@
+"""``llm-surgeon report RUN_DIR``: a short markdown summary of a run, with its plots.
+
+``RUN_DIR`` is either a pruned model folder (``report.json`` from ``prune``) or a bench folder
+(``results.json`` from ``bench``, whose per-run reports live in ``runs/``). The summary is
+written to ``RUN_DIR/summary.md`` and the figures to ``RUN_DIR/plots/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llm_surgeon.errors import UserError
+from llm_surgeon.report import plots
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def prune_summary(report: dict[str, Any], run_dir: Path) -> str:
+    heat = plots.layer_heatmap(report, run_dir / "plots" / "layers.png")
+    curve = plots.shot_curve(report, run_dir / "plots" / "shots.png")
+    s = report.get("settings", {})
+    lines = [
+        f"# {report['method']} · {report['structure']} · target "
+        f"{report['sparsity_target']:.0%}",
+        "",
+        f"- model `{s.get('model')}`, calibration {s.get('calib_samples')} x {s.get('seqlen')} "
+        f"tokens of `{s.get('calib_data')}`, {len(report.get('shots', []))} shot(s)",
+        f"- sparsity achieved **{report['sparsity_achieved']:.2%}** of the decoder linears",
+        f"- perplexity {_fmt(report.get('ppl_dense'))} (dense) → **{_fmt(report.get('ppl'))}**"
+        f" on `{s.get('eval_data')}`",
+        f"- pruning time {_fmt(report.get('prune_time_s'), '.0f')} s, peak memory "
+        f"{_fmt(report.get('peak_rss_mb'), '.0f')} MB",
+    ]
+    if "shrink" in report:
+        sh = report["shrink"]
+        lines.append(
+            f"- physically smaller: {sh['params_total_before']:,} → {sh['params_total_after']:,}"
+            f" parameters ({sh['kv_groups_removed']} KV head groups and "
+            f"{sh['channels_removed']} MLP channels removed)")
+    by_type = report.get("sparsity_by_type", {})
+    if by_type:
+        lines += ["", "| module type | " + " | ".join(by_type) + " |",
+                  "|---|" + "---|" * len(by_type),
+                  "| sparsity | " + " | ".join(f"{v:.1%}" for v in by_type.values()) + " |"]
+    lines += ["", f"![sparsity by layer and module type](plots/{heat.name})"]
+    if curve is not None:
+        lines += ["", f"![after every shot](plots/{curve.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def bench_summary(rows: list[dict[str, Any]], run_dir: Path) -> str:
+    dense = next((r.get("ppl_dense") for r in rows if r.get("ppl_dense")), None)
+    figs = plots.ppl_vs_sparsity(rows, run_dir / "plots", dense_ppl=dense)
+    lines = [f"# Benchmark: {len(rows)} runs", "", f"Dense perplexity: {_fmt(dense)}", "",
+             "| method | structure | target | achieved | shots | ppl |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['structure']} | {r['sparsity_target']:.2f} | "
+                     f"{r['sparsity_achieved']:.4f} | {r.get('shots')} | {_fmt(r.get('ppl'))} |")
+    lines.append("")
+    lines += [f"![{f.stem}](plots/{f.name})" for f in figs]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if (run_dir / "report.json").is_file():
+        text = prune_summary(json.loads((run_dir / "report.json").read_text()), run_dir)
+    elif (run_dir / "results.json").is_file():
+        text = bench_summary(json.loads((run_dir / "results.json").read_text()), run_dir)
+    else:
+        raise UserError(f"{run_dir} holds neither report.json (prune) nor results.json (bench)")
+    out = run_dir / "summary.md"
+    tmp = run_dir / ".summary.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out)
+    return out
