@@ -140,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_data_args(ev)
     ev.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     ev.add_argument(
+        "--tasks",
+        metavar="T1,T2",
+        help="zero-shot accuracy with lm-evaluation-harness: 'offline' (the bundled tasks "
+        "sotu_lastword, sotu_cloze) or harness task names such as boolq,piqa,hellaswag,"
+        "winogrande,arc_easy,arc_challenge,openbookqa,rte (these need the hub)",
+    )
+    ev.add_argument(
+        "--tasks-limit",
+        type=_positive_int,
+        metavar="N",
+        help="evaluate at most N examples per task (default: all)",
+    )
+    ev.add_argument(
         "--speed",
         action="store_true",
         help="also measure prefill and decode tokens/s (batch 1 and 8) and peak memory, each "
@@ -406,6 +419,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         speed_rounds=args.speed_rounds,
         threads=args.threads,
+        tasks=args.tasks,
+        tasks_limit=args.tasks_limit,
     )
     print(f"model                 {result['model']}")
     print(
@@ -422,6 +437,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"size on disk          {result['size_on_disk_mb']:.1f} MB"
         + (" (estimated from tensors)" if result.get("size_on_disk_estimated") else "")
     )
+    for name, metrics in result.get("tasks", {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
+        print(f"zero-shot {name:12}{shown} ({int(metrics.get('n', 0))} examples)")
     if args.speed:
         _print_speed(result)
     if args.json:

@@ -5,7 +5,8 @@ Stable JSON keys (other tools script against them): ``ppl``, ``nll``, ``tokens``
 ``params_decoder_linear_nonzero``, ``size_on_disk_mb``, ``eval_time_s``; with ``speed=True``
 also ``decode_tok_s_b1``, ``decode_tok_s_b8``, ``prefill_tok_s``, ``peak_mem_mb``, and, when a
 baseline (the dense model) is known, ``baseline`` (the same keys for it, measured in the same
-run) and ``vs_baseline`` (ratios model / baseline).
+run) and ``vs_baseline`` (ratios model / baseline); with ``tasks`` also ``tasks``:
+``{name: {"acc": float, ...}}`` from lm-evaluation-harness.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def evaluate_model(
     baseline: str | None = None,
     speed_rounds: int = 3,
     threads: int | None = None,
+    tasks: str | None = None,
+    tasks_limit: int | None = None,
 ) -> dict[str, Any]:
     if eval_windows is not None and eval_windows <= 0:
         raise UserError(f"--eval-windows must be positive (got {eval_windows})")
@@ -138,6 +141,11 @@ def evaluate_model(
     )
     result.update(count_parameters(model))
     result.update(model_size(model, model_spec))
+    if tasks:
+        from llm_surgeon.evaluate.zeroshot import expand_tasks, zero_shot
+
+        result["tasks"] = zero_shot(model, tokenizer, expand_tasks(tasks), batch_size=8,
+                                    limit=tasks_limit)
     if speed:
         del model
         baseline = baseline or recorded_source(model_spec)
