@@ -1,0 +1,75 @@
+"""Zero-shot accuracy on the bundled offline tasks (issue 6): the dense default and magnitude
+pruning at rising unstructured sparsity, through lm-evaluation-harness.
+
+    .venv/bin/python bench/zeroshot.py [--limit N]
+
+Magnitude pruning needs no calibration, so every model is made in memory from the dense one.
+Writes ``bench/zeroshot/results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+from llm_surgeon.evaluate.offline_tasks import OFFLINE_TASKS
+from llm_surgeon.evaluate.zeroshot import zero_shot
+from llm_surgeon.methods.base import Removal, Structure
+from llm_surgeon.methods.obd import MAGNITUDE
+from llm_surgeon.methods.threshold import global_masks, target_count
+from llm_surgeon.models.layouts import decoder_linears
+from llm_surgeon.models.load import load_model
+from llm_surgeon.run import augmented_weight, write_augmented
+
+OUT = Path(__file__).resolve().parent / "zeroshot"
+LEVELS = (0.0, 0.3, 0.5, 0.7)
+
+
+def magnitude(model, sparsity: float):
+    """One-shot global magnitude pruning (the `magnitude` method of `prune`, in memory)."""
+    pruned = copy.deepcopy(model)
+    if sparsity == 0:
+        return pruned
+    targets = decoder_linears(pruned)
+    weights = {t.name: augmented_weight(t) for t in targets}
+    structure = Structure("unstructured")
+    costs = {k: MAGNITUDE.costs(w, None, structure).elements for k, w in weights.items()}
+    total = sum(w.numel() for w in weights.values())
+    masks = global_masks(costs, target_count(total, sparsity))
+    for t in targets:
+        write_augmented(t, MAGNITUDE.apply(weights[t.name], None, Removal(mask=masks[t.name]),
+                                           structure))
+    return pruned
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    dense, tokenizer = load_model("smollm2-135m")
+    rows = []
+    for s in LEVELS:
+        scores = zero_shot(magnitude(dense, s), tokenizer, list(OFFLINE_TASKS), limit=args.limit)
+        rows.append({"sparsity": s, "tasks": scores})
+        print(rows[-1], flush=True)
+    (OUT / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["Zero-shot accuracy on the bundled offline tasks (lm-evaluation-harness), dense and "
+             "magnitude-pruned SmolLM2-135M. Regenerate: `.venv/bin/python bench/zeroshot.py`.",
+             "", "| magnitude sparsity | " + " | ".join(f"{t} acc" for t in OFFLINE_TASKS)
+             + " |", "|---|" + "---|" * len(OFFLINE_TASKS)]
+    for r in rows:
+        label = "dense" if r["sparsity"] == 0 else f"{r['sparsity']:.0%}"
+        lines.append(f"| {label} | " + " | ".join(f"{r['tasks'][t]['acc']:.3f}"
+                                                   for t in OFFLINE_TASKS) + " |")
+    lines.append("")
+    lines.append("Chance: sotu_cloze 0.25 (four choices); sotu_lastword has no fixed chance "
+                 "level (open vocabulary).")
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
