@@ -67,3 +67,23 @@ def test_bench_config_errors(tmp_path):
         bench_mod.load_config(tmp_path / "missing.yaml")
     with pytest.raises(UserError, match="unknown bench setting"):
         bench_mod.expand_runs({"runs": [{"method": "surgeon", "colour": "red"}]})
+
+
+def test_bench_matrix_from_flags(tmp_path, tiny_model_dirs, sample_text_file):
+    out = tmp_path / "flags"
+    argv = ["-q", "bench", "--output", str(out), "--methods", "magnitude,wanda",
+            "--structures", "unstructured,2:4", "--sparsities", "0.3,0.5", "--shots", "2",
+            "--model", str(tiny_model_dirs["llama"]), "--calib-data", str(sample_text_file),
+            "--eval-data", str(sample_text_file), "--calib-samples", "2", "--seqlen", "32",
+            "--eval-windows", "2"]
+    assert main(argv) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = sorted((r["method"], r["structure"], r["sparsity_target"], r["shots"]) for r in rows)
+    assert got == sorted([
+        ("magnitude", "unstructured", "0.3", "2"), ("magnitude", "unstructured", "0.5", "2"),
+        ("magnitude", "2:4", "0.5", "2"),
+        ("wanda", "unstructured", "0.3", "1"), ("wanda", "unstructured", "0.5", "1"),
+        ("wanda", "2:4", "0.5", "1")])
+    for r in rows:
+        assert set(bench_mod.CSV_COLUMNS) <= set(r) and float(r["ppl"]) > 0

@@ -74,6 +74,31 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def matrix_from_flags(methods: str, structures: str, sparsities: str, shots: int,
+                      **shared: Any) -> dict[str, Any]:
+    """The config of ``bench --methods ... --structures ... --sparsities ...``: every method ×
+    structure × level (N:M structures have one level). Layer-wise methods get one shot."""
+    from llm_surgeon.methods.registry import get_method
+
+    try:
+        levels = [float(x) for x in sparsities.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--sparsities must be numbers, got {sparsities!r}") from None
+    runs = []
+    for method in (m.strip() for m in methods.split(",") if m.strip()):
+        one_pass = getattr(get_method(method), "kind", "global") != "global"
+        for structure in (x.strip() for x in structures.split(",") if x.strip()):
+            for level in [None] if ":" in structure else levels:
+                run = {"method": method, "structure": structure,
+                       "shots": 1 if one_pass else shots}
+                if level is not None:
+                    run["sparsity"] = level
+                runs.append(run)
+    config = {k: v for k, v in shared.items() if v is not None}
+    config["runs"] = runs
+    return config
+
+
 def expand_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Shared settings merged into every run; unknown keys are an error."""
     shared = {k: v for k, v in config.items() if k != "runs"}

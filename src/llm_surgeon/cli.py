@@ -344,8 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
         "runs are kept in DIR/runs/ and skipped when the command is run again, so "
         "an interrupted matrix resumes. Writes DIR/results.csv, .json and .md.",
     )
-    be.add_argument("--config", required=True, metavar="FILE", help="YAML matrix (see bench/)")
+    be.add_argument("--config", metavar="FILE",
+                    help="YAML matrix (see bench/); or give the matrix with the flags below")
     be.add_argument("--output", required=True, metavar="DIR", help="results folder")
+    be.add_argument("--methods", metavar="M1,M2", help="methods of the matrix")
+    be.add_argument("--structures", metavar="S1,S2", default="unstructured",
+                    help="structures of the matrix, e.g. unstructured,2:4,rows-columns "
+                    "(default: %(default)s)")
+    be.add_argument("--sparsities", metavar="X1,X2", default="0.5",
+                    help="sparsity levels (ignored for N:M) (default: %(default)s)")
+    be.add_argument("--shots", type=_positive_int, default=5,
+                    help="shots of the global methods (default: %(default)s)")
+    be.add_argument("--model", default=None, help="model (default: the bundled default)")
+    be.add_argument("--calib-data", default=None, help="calibration text (default: sotu)")
+    be.add_argument("--eval-data", default=None, help="evaluation text (default: sotu)")
+    be.add_argument("--calib-samples", type=_positive_int, default=None)
+    be.add_argument("--seqlen", type=_positive_int, default=None)
+    be.add_argument("--eval-windows", type=_positive_int, default=None)
     be.add_argument("--tabulate-only", action="store_true",
                     help="only tabulate the runs finished so far; run nothing")
     be.set_defaults(func=cmd_bench)
@@ -519,9 +534,26 @@ def _print_prune(report: dict[str, Any], output: str) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llm_surgeon.bench import bench, load_config, markdown_table, summary_row
+    from llm_surgeon.bench import (
+        bench,
+        load_config,
+        markdown_table,
+        matrix_from_flags,
+        summary_row,
+    )
 
-    rows = bench(load_config(args.config), args.output, progress=not args.quiet,
+    if args.config and args.methods:
+        raise UserError("bench takes --config FILE or --methods ..., not both")
+    if args.config:
+        config = load_config(args.config)
+    elif args.methods:
+        config = matrix_from_flags(args.methods, args.structures, args.sparsities, args.shots,
+                                   model=args.model, calib_data=args.calib_data,
+                                   eval_data=args.eval_data, calib_samples=args.calib_samples,
+                                   seqlen=args.seqlen, eval_windows=args.eval_windows)
+    else:
+        raise UserError("bench needs --config FILE or --methods M1,M2 (see --help)")
+    rows = bench(config, args.output, progress=not args.quiet,
                  run_missing=not args.tabulate_only)
     print(markdown_table([summary_row(r) for r in rows]), end="")
     return 0
