@@ -21,6 +21,7 @@ import torch
 
 from llm_surgeon.errors import UserError
 from llm_surgeon.models.layouts import TargetLinear
+from llm_surgeon.models.load import replace_dir
 
 CHECKPOINT = "checkpoint"
 VERSION = 1
@@ -59,13 +60,7 @@ def save_checkpoint(out_dir: str | Path, targets: list[TargetLinear], state: dic
         payload = {**state, "version": VERSION,
                    "rng": torch.get_rng_state().tolist()}
         (tmp / "state.json").write_text(json.dumps(payload) + "\n")
-        if final.exists():
-            old = out_dir / f".{CHECKPOINT}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

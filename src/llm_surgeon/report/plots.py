@@ -25,6 +25,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 def _kind(structure: str) -> str:
     return "N:M" if ":" in structure else structure
 
@@ -60,11 +69,7 @@ def ppl_vs_sparsity(rows: Sequence[dict[str, Any]], out_dir: str | Path,
         ax.set_title(f"perplexity against sparsity: {kind}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"ppl_{kind.replace(':', 'of')}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / f"ppl_{kind.replace(':', 'of')}.png"))
     return written
 
 
@@ -87,12 +92,7 @@ def layer_heatmap(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("decoder layer (0 = first)")
     ax.set_title(f"{report['method']} {report['structure']}: sparsity per layer", fontsize=9)
     fig.colorbar(im, ax=ax, label="sparsity (%)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def shot_curve(report: dict[str, Any], path: str | Path) -> Path | None:
@@ -121,9 +121,4 @@ def shot_curve(report: dict[str, Any], path: str | Path) -> Path | None:
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper left")
     ax.set_title(f"{report['method']} {report['structure']}: after every shot")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
