@@ -4,9 +4,10 @@
     .venv/bin/python bench/shrink.py --prune-only   # only the prunes (speed needs a quiet box)
 
 1. LLM Surgeon in coupled units (heads in whole KV groups, MLP channels), 32 x 512 calibration
-   tokens, at 20 % (5 shots) and 30 % (2 shots) of the decoder-linear parameters; each pruned
-   model is physically shrunk and saved (safetensors + per-layer sizes) under ``out/bench-shrink/``,
-   with the logits of the in-memory model on fixed inputs beside it.
+   tokens, at 20 % (5 shots), 30 % (2 shots) and 32 % (1 shot) of the decoder-linear
+   parameters; each pruned model is physically shrunk and saved (safetensors + per-layer sizes)
+   under ``out/bench-shrink/``, with the logits of the in-memory model on fixed inputs beside
+   it.
 2. Each saved model is reloaded with ``llm_surgeon.load`` in a fresh process and its logits are
    compared with the in-memory ones.
 3. Speed and peak memory of the 30 % model and the dense model, side by side in one run
@@ -34,7 +35,11 @@ MODELS = ROOT / "out" / "bench-shrink"
 RESULTS = ROOT / "bench" / "shrink"
 DENSE = "smollm2-135m"
 TORCH_PRUNING_PPL = 137.6  # independent run quoted by issue 4 (Taylor importance, same size)
-LEVELS = {0.2: 5, 0.3: 2}  # removed fraction -> shots (the 30 % model is for size and speed)
+# removed fraction -> shots. 30 %: the model of the size and speed targets. 32 %: with the tied
+# 28.3M-parameter embedding untouched, 30 % of the decoder linears is 23.7 % of the file; a 25 %
+# smaller file needs 31.7 % of them (1 shot: this row is about size, not quality).
+LEVELS = {0.2: 5, 0.3: 2, 0.32: 1}
+SPEED_LEVEL = 0.3
 
 
 def _probe_ids(vocab: int) -> torch.Tensor:
@@ -99,7 +104,8 @@ def main() -> None:
             "reload_max_abs_logit_diff": reload_diff(folder),
             "folder": str(folder.relative_to(ROOT)),
         })
-    speed = speed_report(rows[-1]["folder"], DENSE, rounds=3)
+    speed_row = next(r for r in rows if r["sparsity_target"] == SPEED_LEVEL)
+    speed = speed_report(speed_row["folder"], DENSE, rounds=3)
     result = {"dense": dense, "pruned": rows, "speed_30": speed,
               "torch_pruning_20_ppl": TORCH_PRUNING_PPL}
     (RESULTS / "results.json").write_text(json.dumps(strip_private(result), indent=2) + "\n")
