@@ -51,20 +51,28 @@ def ppl_vs_sparsity(rows: Sequence[dict[str, Any]], out_dir: str | Path,
     written = []
     for kind, rs in sorted(by_kind.items()):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        for method in sorted({r["method"] for r in rs}):
-            pts = sorted((float(r["sparsity_achieved"]), float(r["ppl"]), str(r["structure"]))
-                         for r in rs if r["method"] == method)
-            xs = [100 * p[0] for p in pts]
-            ax.plot(xs, [p[1] for p in pts], marker="o", label=method)
-            if kind == "N:M":
-                for x, y, s in pts:
-                    ax.annotate(s, (x, y), textcoords="offset points", xytext=(4, 4),
-                                fontsize=7)
+        methods = sorted({r["method"] for r in rs})
+        if kind == "N:M":  # a few patterns: categories on x, one marker per method
+            patterns = sorted({str(r["structure"]) for r in rs},
+                              key=lambda p: tuple(int(v) for v in p.split(":")))
+            for j, method in enumerate(methods):
+                pts = [(patterns.index(str(r["structure"])), float(r["ppl"])) for r in rs
+                       if r["method"] == method]
+                offset = (j - (len(methods) - 1) / 2) * 0.08
+                ax.plot([x + offset for x, _ in pts], [y for _, y in pts], marker="o",
+                        linestyle="none", label=method)
+            ax.set_xticks(range(len(patterns)), patterns)
+            ax.set_xlim(-0.5, len(patterns) - 0.5)
+        for method in methods if kind != "N:M" else []:
+            pts = sorted((float(r["sparsity_achieved"]), float(r["ppl"])) for r in rs
+                         if r["method"] == method)
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
         if dense_ppl:
             ax.axhline(dense_ppl, color="gray", linestyle="--", linewidth=1,
                        label=f"dense ({dense_ppl:.2f})")
         ax.set_yscale("log")
-        ax.set_xlabel("sparsity of the decoder linears (%)")
+        ax.set_xlabel("N:M pattern (N of every M inputs kept)" if kind == "N:M"
+                      else "sparsity of the decoder linears (%)")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"perplexity against sparsity: {kind}")
         ax.grid(True, which="both", alpha=0.3)
