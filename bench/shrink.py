@@ -7,7 +7,7 @@
    tokens, at 20 % (5 shots), 30 % (2 shots) and 32 % (1 shot) of the decoder-linear
    parameters; each pruned model is physically shrunk and saved (safetensors + per-layer sizes)
    under ``out/bench-shrink/``, with the logits of the in-memory model on fixed inputs beside
-   it.
+   it (``<folder>.probe.pt``).
 2. Each saved model is reloaded with ``llm_surgeon.load`` in a fresh process and its logits are
    compared with the in-memory ones.
 3. Speed and peak memory of the 30 % model and the dense model, side by side in one run
@@ -48,7 +48,8 @@ def _probe_ids(vocab: int) -> torch.Tensor:
 
 def pruned_model(sparsity: float, shots: int) -> Path:
     out = MODELS / f"surgeon-heads-channels-{round(100 * sparsity)}-{shots}shots"
-    if (out / "report.json").is_file() and (out / "probe.pt").is_file():
+    probe = out.with_name(out.name + ".probe.pt")  # beside the folder: not a weight file of it
+    if (out / "report.json").is_file() and probe.is_file():
         return out
     cfg = PruneConfig(method="surgeon", structure="heads-channels", sparsity=sparsity, shots=shots,
                       calib_samples=32, seqlen=512, eval_windows=64, output=str(out))
@@ -57,15 +58,15 @@ def pruned_model(sparsity: float, shots: int) -> Path:
     ids = _probe_ids(model.config.vocab_size)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    tmp = out / ".probe.pt.tmp"
+    tmp = probe.with_name(probe.name + ".tmp")
     torch.save({"ids": ids, "logits": logits}, tmp)
-    os.replace(tmp, out / "probe.pt")
+    os.replace(tmp, probe)
     return out
 
 
 RELOAD = """
 import sys, torch, llm_surgeon
-probe = torch.load(sys.argv[1] + "/probe.pt")
+probe = torch.load(sys.argv[1] + ".probe.pt")
 model = llm_surgeon.load(sys.argv[1])
 with torch.no_grad():
     diff = (model(input_ids=probe["ids"]).logits - probe["logits"]).abs().max().item()
