@@ -95,13 +95,14 @@ def size_and_params(model_spec: str) -> dict[str, Any]:
 
 def speed_report(
     model_spec: str, baseline: str | None, rounds: int = 3, threads: int | None = None,
-    progress: bool = True,
+    progress: bool = True, new_tokens: int = 64,
 ) -> dict[str, Any]:
     """Speed keys of the model and, side by side in the same run, of its baseline."""
     from llm_surgeon.evaluate.speed import SPEED_KEYS, measure_speed
 
     specs = [model_spec] + ([baseline] if baseline else [])
-    measured = measure_speed(specs, rounds=rounds, threads=threads, progress=progress)
+    measured = measure_speed(specs, rounds=rounds, threads=threads, progress=progress,
+                             new_tokens=new_tokens)
     out: dict[str, Any] = dict(measured[0])
     if baseline:
         base = {**size_and_params(baseline), **measured[1]}
