@@ -107,7 +107,7 @@ def main() -> None:
         })
     speed_row = next(r for r in rows if r["sparsity_target"] == SPEED_LEVEL)
     # decode at batch 1 is short and noisy on a shared 2-core box: 7 rounds of 128 steps
-    speed = speed_report(speed_row["folder"], DENSE, rounds=7, new_tokens=128)
+    speed = speed_report(speed_row["folder"], DENSE, rounds=7, new_tokens=128, counts=speed_row)
     result = {"dense": dense, "pruned": rows, "speed_30": speed,
               "torch_pruning_20_ppl": TORCH_PRUNING_PPL}
     (RESULTS / "results.json").write_text(json.dumps(strip_private(result), indent=2) + "\n")

@@ -124,11 +124,9 @@ def run_layerwise(
             for h in handles:
                 h.remove()
         for t in mine:
-            distributed.all_reduce_sum_(grams[id(t.module)])
-        for t in mine:
             W = t.module.weight.detach()
-            new = method.prune_linear(W.float(), grams.pop(id(t.module)).float(), structure,
-                                      sparsity)
+            H = distributed.all_reduce_sum_(grams.pop(id(t.module)))  # torchrun: all ranks' sum
+            new = method.prune_linear(W.float(), H.float(), structure, sparsity)
             t.module.weight.copy_(new.to(W.dtype))
         inputs = [(_layer_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
 

@@ -34,6 +34,7 @@ from llm_surgeon.data.corpora import load_text
 from llm_surgeon.data.windows import calibration_windows, tokenize
 from llm_surgeon.errors import UserError
 from llm_surgeon.evaluate.runner import check_seqlen, evaluate_loaded
+from llm_surgeon.evaluate.size import peak_rss_mb, reset_peak_rss
 from llm_surgeon.methods import threshold
 from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure
 from llm_surgeon.methods.registry import get_method
@@ -83,21 +84,6 @@ def overall_sparsity(targets: list[TargetLinear]) -> float:
     return z / n
 
 
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @dataclass
 class PhaseTimer:
     """Wall time and peak resident memory per named phase."""
@@ -106,14 +92,14 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        _reset_peak_rss()
+        reset_peak_rss()
         start = time.perf_counter()
         try:
             yield
         finally:
             entry = self.phases.setdefault(name, {"time_s": 0.0, "peak_rss_mb": 0.0})
             entry["time_s"] += time.perf_counter() - start
-            entry["peak_rss_mb"] = max(entry["peak_rss_mb"], _peak_rss_mb())
+            entry["peak_rss_mb"] = max(entry["peak_rss_mb"], peak_rss_mb())
 
 
 # ---- one shot -----------------------------------------------------------------------------
@@ -237,8 +223,7 @@ def _select_units(
         seen = removed = 0
         for layer in sorted({g.layer for g in units}):
             ks = [k for k, g in enumerate(units) if g.layer == layer]
-            seen += sum(sum(p.params_per_unit() for p in units[k].parts) * units[k].count
-                        for k in ks)
+            seen += sum(units[k].params_per_unit() * units[k].count for k in ks)
             want = threshold.target_count(seen, target_sparsity) - removed
             part = threshold.select_units([unit_costs[k] for k in ks], [sizes[k] for k in ks],
                                           max(want, 0))

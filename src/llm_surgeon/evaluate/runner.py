@@ -95,9 +95,12 @@ def size_and_params(model_spec: str) -> dict[str, Any]:
 
 def speed_report(
     model_spec: str, baseline: str | None, rounds: int = 3, threads: int | None = None,
-    progress: bool = True, new_tokens: int = 64,
+    progress: bool = True, new_tokens: int = 64, counts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Speed keys of the model and, side by side in the same run, of its baseline."""
+    """Speed keys of the model and, side by side in the same run, of its baseline.
+
+    ``counts``: the model's parameter counts and size on disk when the caller has them already
+    (otherwise the model is loaded once more to count them)."""
     from llm_surgeon.evaluate.speed import SPEED_KEYS, measure_speed
 
     specs = [model_spec] + ([baseline] if baseline else [])
@@ -106,7 +109,7 @@ def speed_report(
     out: dict[str, Any] = dict(measured[0])
     if baseline:
         base = {**size_and_params(baseline), **measured[1]}
-        mine = size_and_params(model_spec)
+        mine = counts if counts is not None else size_and_params(model_spec)
         out["baseline"] = base
         ratio_keys = (*SPEED_KEYS, "size_on_disk_mb", "params_total", "params_decoder_linear")
         merged = {**mine, **measured[0]}
@@ -150,5 +153,6 @@ def evaluate_model(
     if speed:
         del model
         baseline = baseline or recorded_source(model_spec)
-        result.update(speed_report(model_spec, baseline, speed_rounds, threads, progress))
+        result.update(speed_report(model_spec, baseline, speed_rounds, threads, progress,
+                                   counts=result))
     return result

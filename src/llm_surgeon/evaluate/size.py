@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +30,20 @@ def state_bytes(model: Any) -> int:
         seen.add(ptr)
         total += t.numel() * t.element_size()
     return total
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident set (Linux ``clear_refs``; a no-op elsewhere)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process since start or the last :func:`reset_peak_rss`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -25,23 +25,14 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from llm_surgeon.errors import UserError
+from llm_surgeon.evaluate.size import peak_rss_mb
 
 SPEED_KEYS = ("decode_tok_s_b1", "decode_tok_s_b8", "prefill_tok_s", "peak_mem_mb")
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @torch.inference_mode()
@@ -97,7 +88,7 @@ def measure_in_process(spec: str, prefill_len: int, prompt_len: int, new_tokens:
         "prefill_tok_s": prefill_tokens_per_s(model, prefill_len),
         "decode_tok_s_b1": decode_tokens_per_s(model, 1, prompt_len, new_tokens),
         "decode_tok_s_b8": decode_tokens_per_s(model, 8, prompt_len, new_tokens),
-        "peak_mem_mb": _peak_rss_mb(),
+        "peak_mem_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
         "prefill_len": prefill_len,
         "prompt_len": prompt_len,
