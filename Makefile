@@ -34,5 +34,9 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests bench
 
+# Every committed result under bench/ (hours on 2 cores; resumes where it stopped).
+bench: install
+	bash bench/regenerate.sh
+
 clean-venv:
 	rm -rf $(VENV)

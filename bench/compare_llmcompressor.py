@@ -93,14 +93,19 @@ def main() -> None:
     ids = tokenize(tokenizer, load_text("sotu", "train"), cache=cache_dir() / "tokens")
     windows = calibration_windows(ids, CALIB, SEQLEN, seed=SEED)
     dense = evaluate_loaded(base, tokenizer, "sotu", SEQLEN, EVAL_WINDOWS, desc="dense")["ppl"]
-    rows = []
+    partial = OUT / "partial.json"  # one row per finished point: a rerun resumes
+    rows = json.loads(partial.read_text()) if partial.exists() else []
+    done = {(r["method"], r["structure"]) for r in rows}
     for method, structure in POINTS:
+        if (method, structure) in done:
+            continue
         theirs = llmcompressor_ppl(base, tokenizer, windows, method, structure)
         ours = ours_ppl(method, structure)
         rows.append({"method": method, "structure": structure, "ours": ours,
                      "llmcompressor": theirs,
                      "relative_gap": ours["ppl"] / theirs["ppl"] - 1.0})
         print(rows[-1], flush=True)
+        partial.write_text(json.dumps(rows, indent=2) + "\n")
     result = {"dense_ppl": dense, "llmcompressor_version": llmcompressor.__version__,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
     (OUT / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -117,6 +122,7 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['structure']} | {r['ours']['ppl']:.2f} | "
                      f"{r['llmcompressor']['ppl']:.2f} | {100 * r['relative_gap']:+.1f} % |")
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    partial.unlink()
     print("\n".join(lines))
 
 

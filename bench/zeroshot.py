@@ -50,12 +50,18 @@ def main() -> None:
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     dense, tokenizer = load_model("smollm2-135m")
-    rows = []
+    partial = OUT / "partial.json"  # one row per finished level: a rerun resumes
+    rows = json.loads(partial.read_text()) if partial.exists() else []
     for s in LEVELS:
+        if any(r["sparsity"] == s for r in rows):
+            continue
         scores = zero_shot(magnitude(dense, s), tokenizer, list(OFFLINE_TASKS), limit=args.limit)
         rows.append({"sparsity": s, "tasks": scores})
         print(rows[-1], flush=True)
+        partial.write_text(json.dumps(rows, indent=2) + "\n")
+    rows.sort(key=lambda r: r["sparsity"])
     (OUT / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    partial.unlink()
     lines = ["Zero-shot accuracy on the bundled offline tasks (lm-evaluation-harness), dense and "
              "magnitude-pruned SmolLM2-135M. Regenerate: `.venv/bin/python bench/zeroshot.py`.",
              "", "| magnitude sparsity | " + " | ".join(f"{t} acc" for t in OFFLINE_TASKS)

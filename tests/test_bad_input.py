@@ -65,6 +65,9 @@ ROWS = [
     ("text shorter than the calibration request", ["--calib-samples", "5000"],
      "fewer than the 5000 x 32"),
     ("NaN/Inf curvature", ["--model", "@nan"], "has NaN/Inf values"),
+    ("unreadable memory budget", ["--max-memory", "lots"], "--max-memory: cannot read"),
+    ("memory budget below one streamed layer", ["--max-memory", "10kB"],
+     "below what one streamed layer needs"),
 ]
 
 

@@ -36,6 +36,20 @@ def test_report_of_a_bench_folder(tiny_model_dirs, sample_text_file, tmp_path):
     text = (tmp_path / "b" / "summary.md").read_text()
     assert text.count("| magnitude |") == 2 and "ppl_unstructured.png" in text
     _png_ok(tmp_path / "b" / "plots" / "ppl_unstructured.png")
+    # one heat map per run, named after the run
+    for m in ("magnitude", "k-obd"):
+        for s in (20, 50):
+            name = f"layers_{m}-unstructured-{s}-1shots.png"
+            assert f"](plots/{name})" in text
+            _png_ok(tmp_path / "b" / "plots" / name)
+
+
+def test_series_labels_tell_shot_counts_apart():
+    from llm_surgeon.report.plots import series_labels
+
+    rows = [{"method": "k-obd", "shots": 1}, {"method": "k-obd", "shots": 5},
+            {"method": "surgeon", "shots": 5}, {"method": "surgeon", "shots": 5}]
+    assert series_labels(rows) == ["k-obd (1 shot)", "k-obd (5 shots)", "surgeon", "surgeon"]
 
 
 def test_report_of_nothing_is_an_error(tmp_path, capsys):

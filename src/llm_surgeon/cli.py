@@ -265,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=_D.max_correlate,
         help="surgeon: weights removed together in one correlated update (default: %(default)s)",
     )
+    st = pr.add_argument_group("large models")
+    st.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget such as 2GB or 512MiB: decoder layers stay on disk and are "
+        "streamed one at a time (forward, then a backward that recomputes each layer), hidden "
+        "states between layers go to disk; the interpreter itself (~0.4 GB) comes on top. The "
+        "output is a sharded safetensors checkpoint (default: everything in memory)",
+    )
+    st.add_argument(
+        "--offload-dir",
+        metavar="DIR",
+        help="where streamed layers and hidden states are kept during the run, removed after "
+        "(default: the llm-surgeon cache folder)",
+    )
     lw = pr.add_argument_group("layer-wise methods (sparsegpt, wanda, maiht)")
     lw.add_argument("--blocksize", type=_positive_int, default=_D.blocksize,
                     help="SparseGPT: columns per lazy-update block (default: %(default)s)")
@@ -511,6 +526,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         device=args.device,
         output=args.output,
         time_plain_pass=args.time_plain_pass,
+        max_memory=args.max_memory,
+        offload_dir=args.offload_dir,
     )
     report = strip_private(prune(cfg, progress=not args.quiet))
     _print_prune(report, args.output)

@@ -47,6 +47,8 @@ class PruneConfig:
     device: str = "cpu"
     output: str | None = None
     time_plain_pass: bool = False
+    max_memory: str | None = None  # e.g. "2GB": stream decoder layers from disk under it
+    offload_dir: str | None = None  # where streamed layers and hidden states go (a cache)
 
     def validate(self):
         from llm_surgeon.methods.base import parse_structure
@@ -71,6 +73,10 @@ class PruneConfig:
             raise UserError("mAIHT iterations and --maiht-mu must be non-negative")
         if not 0 < self.maiht_step <= 1:
             raise UserError("--maiht-step must be in (0, 1]")
+        if self.max_memory is not None:
+            from llm_surgeon.models.offload import parse_memory
+
+            parse_memory(self.max_memory)
         method = get_method(self.method)
         structure = parse_structure(self.structure)
         if (

@@ -102,33 +102,44 @@ def run_layerwise(
         by_layer.setdefault(t.layer_index, []).append(t)
     for index in tqdm(range(len(layers)), desc=f"{method.name}: layers", disable=not progress):
         layer = layers[index]
-        mine = by_layer.get(index, [])
-        grams: dict[int, torch.Tensor] = {}  # keyed by module: q/k/v share an input
-        handles = []
-        for t in mine:
-            key = id(t.module)
 
-            def hook(_m: Any, args: tuple, _out: Any, key: int = key,
-                     grams: dict[int, torch.Tensor] = grams) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                if key in grams:
-                    grams[key] += x.T @ x
-                else:
-                    grams[key] = x.T @ x
-
-            handles.append(t.module.register_forward_hook(hook))
-        try:
+        def run_all(layer: Any = layer, inputs: list = inputs) -> None:
             for hidden, kwargs in inputs:
                 layer(hidden, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        for t in mine:
-            W = t.module.weight.detach()
-            H = distributed.all_reduce_sum_(grams.pop(id(t.module)))  # torchrun: all ranks' sum
-            new = method.prune_linear(W.float(), H.float(), structure, sparsity)
-            t.module.weight.copy_(new.to(W.dtype))
+
+        prune_layer_linears(by_layer.get(index, []), method, structure, sparsity, run_all)
         inputs = [(_layer_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+
+
+@torch.no_grad()
+def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod, structure: Structure,
+                        sparsity: float, run_all: Any) -> None:
+    """Prune the linears ``mine`` of one decoder layer: ``run_all()`` runs the layer over every
+    calibration batch while hooks sum H = XᵀX of each linear's input; then each weight is
+    replaced by ``method.prune_linear(W, H)``."""
+    grams: dict[int, torch.Tensor] = {}  # keyed by module: q/k/v share an input
+    handles = []
+    for t in mine:
+        key = id(t.module)
+
+        def hook(_m: Any, args: tuple, _out: Any, key: int = key) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            if key in grams:
+                grams[key] += x.T @ x
+            else:
+                grams[key] = x.T @ x
+
+        handles.append(t.module.register_forward_hook(hook))
+    try:
+        run_all()
+    finally:
+        for h in handles:
+            h.remove()
+    for t in mine:
+        W = t.module.weight.detach()
+        H = distributed.all_reduce_sum_(grams.pop(id(t.module)))  # torchrun: all ranks' sum
+        new = method.prune_linear(W.float(), H.float(), structure, sparsity)
+        t.module.weight.copy_(new.to(W.dtype))
 
 
 @torch.no_grad()

@@ -378,10 +378,17 @@ def plain_forward_backward_time(
 
 
 def layer_report(targets: list[TargetLinear]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    return layer_report_from_counts(targets, {t.name: layer_sparsity(t) for t in targets})
+
+
+def layer_report_from_counts(
+    targets: list[TargetLinear], counts: dict[str, tuple[int, int]]
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Per-layer and per-module-type sparsity from each target's (zeros, total)."""
     layers = []
     by_type: dict[str, list[int]] = {}
     for t in targets:
-        z, n = layer_sparsity(t)
+        z, n = counts[t.name]
         layers.append(
             {"name": t.name, "type": t.type, "layer": t.layer_index, "sparsity": z / n, "params": n}
         )
@@ -396,6 +403,38 @@ def resume(out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     state = read_state(out_dir)
     cfg = PruneConfig(**{**state["settings"], "output": str(out_dir)})
     return prune(cfg, progress=progress, _resume=state)
+
+
+def check_output_dir(out_dir: Path | None, resuming: bool) -> None:
+    """Refuse an ``--output`` that holds an unfinished run or something else than our output."""
+    if resuming or out_dir is None:
+        return
+    if has_checkpoint(out_dir):
+        raise UserError(
+            f"--output {out_dir} holds an unfinished run; continue it with "
+            f"`llm-surgeon prune --resume {out_dir}` or choose a new folder"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
+        raise UserError(
+            f"--output {out_dir} exists and is not an llm-surgeon output; choose a new folder"
+        )
+
+
+def report_header(cfg: PruneConfig, structure: Structure) -> dict[str, Any]:
+    """The first fields of every report: method, structure, target, settings, environment."""
+    return {
+        "method": cfg.method,
+        "structure": str(structure),
+        "sparsity_target": structure.nm_sparsity
+        if structure.kind == "nm"
+        else (0.5 if cfg.sparsity is None else cfg.sparsity),
+        "settings": asdict(cfg),
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
+    }
 
 
 def prune(
@@ -414,22 +453,14 @@ def prune(
     structure = cfg.validate()
     method = get_method(cfg.method, cfg)
     distributed.init_from_env(cfg.device)  # a no-op unless launched by torchrun
+    if cfg.max_memory:
+        if _resume is not None:
+            raise UserError("--resume is not supported for --max-memory runs yet")
+        from llm_surgeon.streaming import prune_streamed
+
+        return prune_streamed(cfg, progress=progress, dense_ppl=dense_ppl)
     out_dir = Path(cfg.output) if cfg.output else None
-    if _resume is None and out_dir is not None and has_checkpoint(out_dir):
-        raise UserError(
-            f"--output {out_dir} holds an unfinished run; continue it with "
-            f"`llm-surgeon prune --resume {out_dir}` or choose a new folder"
-        )
-    if (
-        _resume is None
-        and out_dir is not None
-        and out_dir.exists()
-        and any(out_dir.iterdir())
-        and not (out_dir / "report.json").is_file()
-    ):
-        raise UserError(
-            f"--output {out_dir} exists and is not an llm-surgeon output; choose a new folder"
-        )
+    check_output_dir(out_dir, resuming=_resume is not None)
     torch.manual_seed(cfg.seed)
     timer = PhaseTimer()
     calib_text = load_text(cfg.calib_data, "train")
@@ -463,19 +494,7 @@ def prune(
                 text=eval_text,
             )["ppl"]
 
-    report: dict[str, Any] = {
-        "method": cfg.method,
-        "structure": str(structure),
-        "sparsity_target": structure.nm_sparsity
-        if structure.kind == "nm"
-        else (0.5 if cfg.sparsity is None else cfg.sparsity),
-        "settings": asdict(cfg),
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
-        },
-    }
+    report = report_header(cfg, structure)
     shots: list[dict[str, Any]] = []
     if _resume is not None:
         assert out_dir is not None

@@ -73,7 +73,10 @@ class KroneckerFactors:
 
 
 @dataclass
-class _Collector:
+class FactorCollector:
+    """Running sums of A (forward hooks on the targets' inputs) and G (tensor hooks on their
+    outputs' gradients); :meth:`factors` turns them into means."""
+
     targets: list[TargetLinear]
     dtype: torch.dtype
     want_A: bool = True
@@ -141,6 +144,19 @@ class _Collector:
             if t.name in self.gsum:
                 distributed.all_reduce_sum_(self.gsum[t.name])
                 self.gcount[t.name] = distributed.all_reduce_int(self.gcount[t.name])
+
+    def factors(self) -> dict[str, KroneckerFactors]:
+        """The means A and G of every target from the running sums."""
+        out: dict[str, KroneckerFactors] = {}
+        for t in self.targets:
+            stats = self.inputs[self.input_of[t.name]]
+            A = stats.second_moment(with_bias=t.has_bias)
+            if t.name in self.gsum:
+                G = self.gsum[t.name] / max(self.gcount[t.name], 1)
+            else:  # the output never received a gradient (unused layer): no information
+                G = torch.zeros(t.module.out_features, t.module.out_features, dtype=self.dtype)
+            out[t.name] = KroneckerFactors(A=A, G=G, count=stats.count)
+        return out
 
     def attach(self) -> None:
         for t in self.targets:
@@ -238,7 +254,7 @@ def collect_kfac(
     """Accumulate A and G for every target over all calibration windows (forward + backward)."""
     if fisher not in FISHER_KINDS:
         raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
-    col = _Collector(targets, dtype)
+    col = FactorCollector(targets, dtype)
     device = next(model.parameters()).device
     windows = distributed.shard(windows)  # torchrun: this rank's share; else all
     seed = seed + 7919 * distributed.rank()
@@ -256,16 +272,7 @@ def collect_kfac(
     finally:
         col.detach()
     col.all_reduce()
-    out: dict[str, KroneckerFactors] = {}
-    for t in targets:
-        stats = col.inputs[col.input_of[t.name]]
-        A = stats.second_moment(with_bias=t.has_bias)
-        if t.name in col.gsum:
-            G = col.gsum[t.name] / max(col.gcount[t.name], 1)
-        else:  # the output never received a gradient (unused layer): no curvature information
-            G = torch.zeros(t.module.out_features, t.module.out_features, dtype=dtype)
-        out[t.name] = KroneckerFactors(A=A, G=G, count=stats.count)
-    return out
+    return col.factors()
 
 
 @torch.no_grad()
@@ -279,7 +286,7 @@ def collect_activations(
     desc: str = "activations A",
 ) -> dict[str, torch.Tensor]:
     """A = E[ā āᵀ] only (forward passes, no gradients): what L-OBD needs."""
-    col = _Collector(targets, dtype, want_G=False)
+    col = FactorCollector(targets, dtype, want_G=False)
     device = next(model.parameters()).device
     windows = distributed.shard(windows)
     col.attach()

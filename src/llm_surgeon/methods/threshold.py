@@ -28,7 +28,7 @@ are few (units).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -465,3 +465,84 @@ def select_units(
         left[k] -= 1
         budget -= sizes[k]
     return masks
+
+
+class _Lazy(Sequence):
+    """Per-layer tensors produced on demand (e.g. read from disk), for streamed selection."""
+
+    def __init__(self, n: int, get: Callable[[int], Tensor]) -> None:
+        self.n, self.get = n, get
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.get(j) for j in range(*i.indices(self.n))]
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.get(i)
+
+
+@dataclass
+class StreamedSelection:
+    """The outcome of :func:`streamed_global_masks`: the threshold ``t`` and, per layer, how
+    many candidates exactly at ``t`` are taken (in flat order, layers in order). Layer ``i``'s
+    mask is ``(costs < t) | (the first quotas[i] entries equal to t)`` over eligible entries."""
+
+    threshold: float
+    quotas: list[int]
+    key_dtype: torch.dtype
+
+    def mask(self, i: int, costs: Tensor) -> Tensor:
+        k = costs.to(self.key_dtype)
+        e = k != float("inf")
+        sel = e & (k < self.threshold)
+        q = self.quotas[i]
+        if q > 0:
+            eq = (e & (k == self.threshold)).reshape(-1)
+            sel = sel | (eq & (torch.cumsum(eq.to(torch.int64), 0) <= q)).reshape(k.shape)
+        return sel
+
+
+def streamed_global_masks(load: Callable[[int], Tensor], n_layers: int,
+                          n_remove: int) -> StreamedSelection:
+    """:func:`global_masks` (unit sizes, nothing already removed, floor rounding) when the
+    layers' costs do not fit in memory together: ``load(i)`` returns layer ``i``'s costs (e.g.
+    from disk) and is called a few times per layer; only one layer's costs (plus a sample of
+    2²⁰ keys and the candidates near the threshold) is held at once. Same masks as
+    :func:`global_masks` on the same costs (tested)."""
+    if n_layers == 0 or n_remove <= 0:
+        return StreamedSelection(float("-inf"), [0] * n_layers, torch.float32)
+    first = load(0)
+    key_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    del first
+
+    def key(i: int) -> Tensor:
+        c = load(i)
+        if bool(torch.isnan(c).any()):
+            raise ValueError(f"costs of layer {i} contain NaN")
+        return c.to(key_dtype)
+
+    n_elig = 0
+    for i in range(n_layers):
+        n_elig += int((key(i) != float("inf")).sum())
+    k = min(int(n_remove), n_elig)
+    if k <= 0:
+        return StreamedSelection(float("-inf"), [0] * n_layers, key_dtype)
+    keys = _Lazy(n_layers, key)
+    elig = _Lazy(n_layers, lambda i: key(i) != float("inf"))
+    t = _kth_smallest(keys, elig, k)  # type: ignore[arg-type]
+    taken, equal = 0, []
+    for i in range(n_layers):
+        kk = key(i)
+        e = kk != float("inf")
+        taken += int((e & (kk < t)).sum())
+        equal.append(int((e & (kk == t)).sum()))
+    rem = k - taken
+    quotas = []
+    for n_eq in equal:
+        q = max(0, min(rem, n_eq))
+        quotas.append(q)
+        rem -= q
+    return StreamedSelection(t, quotas, key_dtype)

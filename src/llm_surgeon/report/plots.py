@@ -38,6 +38,22 @@ def _kind(structure: str) -> str:
     return "N:M" if ":" in structure else structure
 
 
+def series_labels(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One legend label per row: the method, with its shot count when the same method appears
+    with several shot counts (e.g. ``k-obd (1 shot)`` and ``k-obd (5 shots)``)."""
+    shots: dict[str, set[Any]] = {}
+    for r in rows:
+        shots.setdefault(r["method"], set()).add(r.get("shots"))
+    out = []
+    for r in rows:
+        n = r.get("shots")
+        if len(shots[r["method"]]) > 1:
+            out.append(f"{r['method']} ({n} shot{'' if n == 1 else 's'})")
+        else:
+            out.append(r["method"])
+    return out
+
+
 def ppl_vs_sparsity(rows: Sequence[dict[str, Any]], out_dir: str | Path,
                     dense_ppl: float | None = None) -> list[Path]:
     """One PNG per sparsity kind: ``ppl_<kind>.png``; returns the paths written."""
@@ -45,9 +61,9 @@ def ppl_vs_sparsity(rows: Sequence[dict[str, Any]], out_dir: str | Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     by_kind: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
+    for r, label in zip(rows, series_labels(rows), strict=True):
         if r.get("ppl") is not None:
-            by_kind.setdefault(_kind(str(r["structure"])), []).append(r)
+            by_kind.setdefault(_kind(str(r["structure"])), []).append({**r, "method": label})
     written = []
     for kind, rs in sorted(by_kind.items()):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)

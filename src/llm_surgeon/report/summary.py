@@ -63,6 +63,17 @@ def bench_summary(rows: list[dict[str, Any]], run_dir: Path) -> str:
                      f"{r['sparsity_achieved']:.4f} | {r.get('shots')} | {_fmt(r.get('ppl'))} |")
     lines.append("")
     lines += [f"![{f.stem}](plots/{f.name})" for f in figs]
+    heat = []
+    for r in rows:  # where each run's global threshold cut: one heat map per run with layers
+        path = run_dir / "runs" / f"{r.get('id')}.json"
+        if not path.is_file():
+            continue
+        report = json.loads(path.read_text())
+        if report.get("layers"):
+            heat.append(plots.layer_heatmap(report, run_dir / "plots" / f"layers_{r['id']}.png"))
+    if heat:
+        lines += ["", "Sparsity by decoder layer and module type, per run:", ""]
+        lines += [f"![{f.stem}](plots/{f.name})" for f in heat]
     return "\n".join(lines) + "\n"
 
 
