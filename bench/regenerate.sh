@@ -38,7 +38,7 @@ cp -r out/shot-curve/report.json out/shot-curve/summary.md out/shot-curve/plots 
 # streaming under a memory budget (issue 7)
 $BIN/python bench/shrink.py
 $BIN/python bench/zeroshot.py
-$BIN/python bench/streaming.py --layers 56 --hidden 512 --mlp 1024 --budget 192MB
+$BIN/python bench/streaming.py
 
 # llm-compressor's SparseGPT and Wanda next to ours (issue 5), in its own environment
 if [[ ! -x .venv-llmc/bin/python ]]; then

@@ -203,3 +203,18 @@ def test_lowrank_correction_and_per_shot_perplexity(trained_tiny_dir, sample_tex
     assert all(s["ppl"] > 0 for s in report["shots"])
     assert report["shots"][-1]["ppl"] == report["ppl"]
     assert "lowrank" in report["phases"]
+
+
+def test_process_peak_survives_phase_resets():
+    """Each phase resets the kernel's high-water mark; the run's peak must still see memory
+    used before a phase began (e.g. tokenizing the calibration text)."""
+    from llm_surgeon.evaluate.size import peak_rss_mb
+    from llm_surgeon.run import PhaseTimer
+
+    timer = PhaseTimer()
+    base = peak_rss_mb()
+    x = torch.ones(300 * 2**20 // 4)  # 300 MB, touched
+    del x
+    with timer("after"):
+        pass
+    assert timer.process_peak_mb() >= base + 250

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import platform
-import resource
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -86,12 +85,16 @@ def overall_sparsity(targets: list[TargetLinear]) -> float:
 
 @dataclass
 class PhaseTimer:
-    """Wall time and peak resident memory per named phase."""
+    """Wall time and peak resident memory per named phase, and the peak of the whole run."""
 
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Resetting a phase's peak clears the kernel's high-water mark for the whole process (which
+    # ``ru_maxrss`` reads too), so the peak so far is folded in here before every reset.
+    peak_mb: float = 0.0
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        self.peak_mb = max(self.peak_mb, peak_rss_mb())
         reset_peak_rss()
         start = time.perf_counter()
         try:
@@ -100,6 +103,11 @@ class PhaseTimer:
             entry = self.phases.setdefault(name, {"time_s": 0.0, "peak_rss_mb": 0.0})
             entry["time_s"] += time.perf_counter() - start
             entry["peak_rss_mb"] = max(entry["peak_rss_mb"], peak_rss_mb())
+            self.peak_mb = max(self.peak_mb, entry["peak_rss_mb"])
+
+    def process_peak_mb(self) -> float:
+        """Peak resident memory of the whole run so far, phases and the time between them."""
+        return max(self.peak_mb, peak_rss_mb())
 
 
 # ---- one shot -----------------------------------------------------------------------------
@@ -608,7 +616,7 @@ def prune(
     if shots and cfg.eval_every_shot:
         shots[-1]["ppl"] = report["ppl"]
     report["phases"] = timer.phases
-    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["peak_rss_mb"] = timer.process_peak_mb()
     if out_dir is not None and distributed.is_main():
         save_atomically(
             model,
