@@ -428,6 +428,24 @@ def check_output_dir(out_dir: Path | None, resuming: bool) -> None:
         )
 
 
+def check_nm_widths(targets: list[TargetLinear], structure: Structure) -> None:
+    """N:M needs M to divide every targeted linear's input width."""
+    if structure.kind != "nm":
+        return
+    for t in targets:
+        if t.module.in_features % structure.m:
+            raise UserError(
+                f"--structure {structure}: M={structure.m} does not divide the "
+                f"input width {t.module.in_features} of {t.name}"
+            )
+
+
+def calibration_set(tokenizer: Any, text: str, cfg: PruneConfig) -> torch.Tensor:
+    """The run's seeded calibration windows (tokens cached on disk)."""
+    ids = tokenize(tokenizer, text, cache=cache_dir() / "tokens")
+    return calibration_windows(ids, cfg.calib_samples, cfg.seqlen, seed=cfg.seed)
+
+
 def report_header(cfg: PruneConfig, structure: Structure) -> dict[str, Any]:
     """The first fields of every report: method, structure, target, settings, environment."""
     return {
@@ -477,15 +495,8 @@ def prune(
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     check_seqlen(model, cfg.seqlen)
     targets = decoder_linears(model)
-    if structure.kind == "nm":
-        for t in targets:
-            if t.module.in_features % structure.m:
-                raise UserError(
-                    f"--structure {structure}: M={structure.m} does not divide the "
-                    f"input width {t.module.in_features} of {t.name}"
-                )
-    ids = tokenize(tokenizer, calib_text, cache=cache_dir() / "tokens")
-    windows = calibration_windows(ids, cfg.calib_samples, cfg.seqlen, seed=cfg.seed)
+    check_nm_widths(targets, structure)
+    windows = calibration_set(tokenizer, calib_text, cfg)
 
     def evaluate(desc: str) -> float | None:
         if not cfg.eval:

@@ -44,7 +44,6 @@ from llm_surgeon import distributed
 from llm_surgeon.config import PruneConfig
 from llm_surgeon.curvature.kfac import FactorCollector, next_token_loss
 from llm_surgeon.data.corpora import load_text
-from llm_surgeon.data.windows import calibration_windows, tokenize
 from llm_surgeon.errors import UserError
 from llm_surgeon.evaluate.perplexity import perplexity_from_nll, token_nll
 from llm_surgeon.layerwise import capture_layer_inputs, prune_layer_linears
@@ -483,6 +482,8 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True,
     from llm_surgeon.models.load import cache_dir, parse_dtype
     from llm_surgeon.run import (
         PhaseTimer,
+        calibration_set,
+        check_nm_widths,
         check_output_dir,
         layer_report_from_counts,
         report_header,
@@ -518,13 +519,8 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True,
                 f" MiB, a decoder layer {store.layer_bytes() / 2**20:.0f} MiB, its curvature); "
                 "raise it"
             )
-        if structure.kind == "nm":
-            for t in targets:
-                if t.module.in_features % structure.m:
-                    raise UserError(f"--structure {structure}: M={structure.m} does not divide "
-                                    f"the input width {t.module.in_features} of {t.name}")
-        ids = tokenize(tokenizer, calib_text, cache=cache_dir() / "tokens")
-        windows = calibration_windows(ids, cfg.calib_samples, cfg.seqlen, seed=cfg.seed)
+        check_nm_widths(targets, structure)
+        windows = calibration_set(tokenizer, calib_text, cfg)
 
         def evaluate(desc: str) -> float | None:
             if not cfg.eval:

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,25 @@ def _load_gguf(path: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it takes ``target``'s name (an
+    existing ``target`` is replaced), on any error it is removed: ``target`` never appears
+    half-written."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_atomically(
     model: Any, tokenizer: Any, target: Path, extra_files: dict[str, str] | None = None
 ) -> None:
@@ -119,22 +139,17 @@ def save_atomically(
     The folder appears under its final name only once it is complete; an existing ``target`` is
     replaced.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    with atomic_folder(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_extras(tmp, tokenizer, extra_files)
+
+
+def write_extras(folder: Path, tokenizer: Any, extra_files: dict[str, str] | None) -> None:
+    """The tokenizer and extra text files (e.g. report.json) next to the weights."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -249,15 +248,9 @@ def save_offloaded(model: nn.Module, store: LayerStore, tokenizer: Any, target: 
     through a temporary sibling folder, so ``target`` never appears half-written."""
     from safetensors.torch import load_file, save_file
 
-    from llm_surgeon.models.load import replace_dir
+    from llm_surgeon.models.load import atomic_folder, write_extras
 
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+    with atomic_folder(target) as tmp:
         n_shards = len(store) + 1
         weight_map: dict[str, str] = {}
         total = 0
@@ -291,11 +284,4 @@ def save_offloaded(model: nn.Module, store: LayerStore, tokenizer: Any, target: 
         if gen is not None:
             with contextlib.suppress(Exception):
                 gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_extras(tmp, tokenizer, extra_files)
