@@ -122,3 +122,36 @@ def test_parse_memory(text, n):
 def test_parse_memory_rejects(text):
     with pytest.raises(UserError, match="--max-memory"):
         parse_memory(text)
+
+
+def test_streamed_run_killed_mid_shot_resumes_to_the_same_weights(tiny_model_dirs,
+                                                                   sample_text_file, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from llm_surgeon.checkpoint import has_checkpoint
+    from llm_surgeon.run import resume
+
+    kw = dict(method="surgeon", structure="unstructured", sparsity=0.4, shots=3, eval=False,
+              fisher="sampled")
+    ref = prune(_cfg(tiny_model_dirs["llama"], sample_text_file, **kw), progress=False)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "llm_surgeon", "-q", "prune", "--model",
+           str(tiny_model_dirs["llama"]), "--calib-data", str(sample_text_file), "--eval-data",
+           str(sample_text_file), "--calib-samples", "4", "--seqlen", "32", "--method",
+           "surgeon", "--structure", "unstructured", "--sparsity", "0.4", "--shots", "3",
+           "--no-eval", "--fisher", "sampled", "--max-memory", "64MB", "--offload-dir",
+           str(tmp_path / "off"), "--output", str(out)]
+    env = {**os.environ, "LLM_SURGEON_KILL_AT": "2:update", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert has_checkpoint(out) and not (out / "report.json").exists()
+    assert len(list((out / "checkpoint" / "layers").glob("*.safetensors"))) == 2
+    report = resume(out, progress=False)
+    assert len(report["shots"]) == 3 and not has_checkpoint(out)
+    model, _ = load_model(str(out), with_tokenizer=False)
+    got, want = _weights(model), _weights(ref["_model"])
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)

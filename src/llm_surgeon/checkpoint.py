@@ -44,9 +44,19 @@ def _tensors(targets: list[TargetLinear]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(out_dir: str | Path, targets: list[TargetLinear], state: dict[str, Any]
-                    ) -> None:
-    """Write the checkpoint atomically (temporary sibling folder, then rename)."""
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where possible (the layer store replaces files, never rewrites them in
+    place, so a link keeps the checkpointed version), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def save_checkpoint(out_dir: str | Path, targets: list[TargetLinear], state: dict[str, Any],
+                    layer_files: list[Path] | None = None) -> None:
+    """Write the checkpoint atomically (temporary sibling folder, then rename). A streamed run
+    (``--max-memory``) passes its per-layer files instead: they are the decoder's state."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -56,7 +66,12 @@ def save_checkpoint(out_dir: str | Path, targets: list[TargetLinear], state: dic
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(_tensors(targets), str(tmp / "weights.safetensors"))
+        if layer_files is None:
+            save_file(_tensors(targets), str(tmp / "weights.safetensors"))
+        else:
+            (tmp / "layers").mkdir()
+            for f in layer_files:
+                _link_or_copy(f, tmp / "layers" / f.name)
         payload = {**state, "version": VERSION,
                    "rng": torch.get_rng_state().tolist()}
         (tmp / "state.json").write_text(json.dumps(payload) + "\n")
@@ -94,4 +109,16 @@ def restore(out_dir: str | Path, targets: list[TargetLinear], state: dict[str, A
                 raise UserError(f"--resume {out_dir}: checkpoint does not match the model "
                                 f"({name})")
             p.copy_(saved[name].to(p.dtype))
+    torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+
+
+def restore_layer_files(out_dir: str | Path, layer_dir: Path, state: dict[str, Any]) -> None:
+    """A streamed run: put the checkpointed layer files in place of the freshly loaded ones and
+    restore the RNG state."""
+    saved = checkpoint_dir(out_dir) / "layers"
+    files = sorted(saved.glob("*.safetensors"))
+    if not files or len(files) != len(list(layer_dir.glob("*.safetensors"))):
+        raise UserError(f"--resume {out_dir}: checkpoint does not match the model (layers)")
+    for f in files:
+        shutil.copy2(f, layer_dir / f.name)
     torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))

@@ -480,11 +480,9 @@ def prune(
     method = get_method(cfg.method, cfg)
     distributed.init_from_env(cfg.device)  # a no-op unless launched by torchrun
     if cfg.max_memory:
-        if _resume is not None:
-            raise UserError("--resume is not supported for --max-memory runs yet")
         from llm_surgeon.streaming import prune_streamed
 
-        return prune_streamed(cfg, progress=progress, dense_ppl=dense_ppl)
+        return prune_streamed(cfg, progress=progress, dense_ppl=dense_ppl, _resume=_resume)
     out_dir = Path(cfg.output) if cfg.output else None
     check_output_dir(out_dir, resuming=_resume is not None)
     torch.manual_seed(cfg.seed)

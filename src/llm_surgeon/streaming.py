@@ -19,9 +19,12 @@ pruned weights agree to 1e-5. The layer-wise methods (SparseGPT, Wanda, mAIHT) s
 usual way: each layer is loaded, pruned on its inputs, run to produce the next layer's inputs,
 and written back.
 
+Checkpoints: after every shot the layer files are hard-linked (copied across file systems) into
+``DIR/checkpoint/``; ``--resume DIR`` reloads the model, puts them back and continues.
+
 Not (yet) streamed: heads-channels (coupled units and the physical shrink), Numerical pruning,
-the nearest-Kronecker estimate, the low-rank correction, checkpoints for ``--resume``, and
-torchrun; each is refused with a clear message.
+the nearest-Kronecker estimate, the low-rank correction, and torchrun; each is refused with a
+clear message.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +265,7 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
     of every target after the shot."""
     from llm_surgeon.run import (
         _select,
+        _test_kill_point,
         augmented_weight,
         check_finite,
         layer_sparsity,
@@ -350,6 +355,8 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
                         disable=not progress):
             mine = by_layer.get(ell, [])
             curv = _curvature_of(work, ell, kind, [t.name for t in mine], store.device)
+            if ell == len(store) // 2:
+                _test_kill_point(shot, "update")  # half the layers updated: mid-shot
             with store.resident(ell, dirty=True):
                 for t in mine:
                     W = augmented_weight(t)
@@ -472,16 +479,19 @@ def budget_estimate(model: nn.Module, store: LayerStore, targets: list[TargetLin
     return resident_bytes(model) + 2 * store.layer_bytes() + 7 * curv
 
 
-def prune_streamed(cfg: PruneConfig, progress: bool = True,
-                   dense_ppl: float | None = None) -> dict[str, Any]:
+def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = None,
+                   _resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """:func:`llm_surgeon.run.prune` with the decoder layers streamed from disk under the budget
-    ``cfg.max_memory``. Same report, same saved model (sharded safetensors)."""
+    ``cfg.max_memory``. Same report, same saved model (sharded safetensors), same checkpoints
+    after every shot (the layer files, hard-linked) and ``--resume``."""
     from transformers import AutoTokenizer
 
+    from llm_surgeon.checkpoint import restore_layer_files, save_checkpoint
     from llm_surgeon.evaluate.runner import check_seqlen, eval_windows_for
     from llm_surgeon.models.load import cache_dir, parse_dtype
     from llm_surgeon.run import (
         PhaseTimer,
+        _test_kill_point,
         calibration_set,
         check_nm_widths,
         check_output_dir,
@@ -495,7 +505,7 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True,
     _refuse(cfg, structure, kind)
     budget = parse_memory(cfg.max_memory or "")
     out_dir = Path(cfg.output) if cfg.output else None
-    check_output_dir(out_dir, resuming=False)
+    check_output_dir(out_dir, resuming=_resume is not None)
     torch.manual_seed(cfg.seed)
     timer = PhaseTimer()
     calib_text = load_text(cfg.calib_data, "train")
@@ -539,15 +549,25 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True,
             "layer_bytes": store.layer_bytes(),
             "decoder_layers": len(store),
         }
-        report["ppl_dense"] = (dense_ppl if dense_ppl is not None and cfg.eval
-                               else evaluate("dense perplexity"))
+        shots: list[dict[str, Any]] = []
+        if _resume is not None:
+            assert out_dir is not None
+            restore_layer_files(out_dir, store.dir, _resume)
+            report.update(_resume["report"])
+            shots = list(_resume["shots"])
+            for k, v in _resume["phases"].items():
+                timer.phases[k] = dict(v)
+        else:
+            report["ppl_dense"] = (dense_ppl if dense_ppl is not None and cfg.eval
+                                   else evaluate("dense perplexity"))
         target = report["sparsity_target"]
         n_shots = 1 if kind == "layerwise" else cfg.shots
-        shots: list[dict[str, Any]] = []
-        counts: dict[str, tuple[int, int]] = {}
-        start = time.perf_counter()
-        for shot in tqdm(range(1, n_shots + 1), desc=f"{cfg.method} shots (streamed)",
-                         disable=not progress):
+        counts: dict[str, tuple[int, int]] = dict(_resume.get("counts", {})) if _resume else {}
+        counts = {k: (int(v[0]), int(v[1])) for k, v in counts.items()}
+        start = time.perf_counter() - sum(s["time_s"] for s in shots)
+        for shot in tqdm(range(len(shots) + 1, n_shots + 1), initial=len(shots), total=n_shots,
+                         desc=f"{cfg.method} shots (streamed)", disable=not progress):
+            _test_kill_point(shot, "start")
             t0 = time.perf_counter()
             shot_target = threshold.linear_schedule(shot, n_shots, target)
             if kind == "layerwise":
@@ -567,6 +587,12 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True,
             if cfg.eval_every_shot and shot < n_shots:
                 entry["ppl"] = evaluate(f"shot {shot} perplexity")
             shots.append(entry)
+            if out_dir is not None and shot < n_shots:
+                save_checkpoint(out_dir, targets, {
+                    "settings": asdict(cfg), "shots": shots, "counts": counts,
+                    "report": {k: report[k] for k in ("ppl_dense",) if k in report},
+                    "phases": timer.phases,
+                }, layer_files=[store.path(i) for i in range(len(store))])
         report["prune_time_s"] = time.perf_counter() - start
         report["sparsity_achieved"] = sum(z for z, _ in counts.values()) / sum(
             n for _, n in counts.values())
