@@ -1,6 +1,7 @@
 """Streaming under a memory budget (issue 7): a random Llama whose fp32 weights are more than
-3x the --max-memory budget, pruned by the surgeon with its decoder layers on disk (rows and columns by default: the random
-model's unstructured correlated updates converge slowly, ~2 s per linear).
+3x the --max-memory budget, pruned by the surgeon with its decoder layers on disk (rows and
+columns by default: on random weights the unstructured correlated updates converge slowly,
+~2 s per linear).
 
     .venv/bin/python bench/streaming.py [--budget 256MB] [--layers 76] [--structure rows-columns]
 

@@ -44,6 +44,13 @@ def magnitude(model, sparsity: float):
     return pruned
 
 
+def plot(rows: list[dict]) -> None:
+    from llm_surgeon.report.plots import accuracy_vs_sparsity
+
+    accuracy_vs_sparsity(rows, OUT / "accuracy.png", chance={"sotu_cloze": 0.25},
+                         title="zero-shot accuracy, magnitude pruning (unstructured)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=None)
@@ -73,7 +80,9 @@ def main() -> None:
     lines.append("")
     lines.append("Chance: sotu_cloze 0.25 (four choices); sotu_lastword has no fixed chance "
                  "level (open vocabulary).")
+    lines += ["", "![zero-shot accuracy against magnitude sparsity](accuracy.png)"]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    plot(rows)
     print("\n".join(lines))
 
 

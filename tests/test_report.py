@@ -61,3 +61,11 @@ def test_plots_use_a_headless_backend():
     from llm_surgeon.report import plots
 
     assert plots._plt().get_backend().lower() == "agg"
+
+
+def test_accuracy_plot(tmp_path):
+    from llm_surgeon.report.plots import accuracy_vs_sparsity
+
+    rows = [{"sparsity": s, "tasks": {"a": {"acc": 0.9 - s}, "b": {"acc": 0.5 - s / 2}}}
+            for s in (0.0, 0.3, 0.5)]
+    _png_ok(accuracy_vs_sparsity(rows, tmp_path / "acc.png", chance={"a": 0.25}))

@@ -493,3 +493,35 @@ def test_linear_schedule():
         T.linear_schedule(0, 4, 0.5)
     with pytest.raises(ValueError):
         T.linear_schedule(5, 4, 0.5)
+
+
+def test_a_dead_layer_costs_nothing_and_is_zeroed_without_update():
+    """G = 0 (no gradient reaches the outputs: every row removed earlier, or an underflow):
+    the surgeon must not fail on the undampable factor; every removal is free."""
+    from llm_surgeon.methods.base import Curvature, Removal, Structure
+    from llm_surgeon.methods.surgeon import SurgeonMethod
+
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 5, generator=gen)
+    X = torch.randn(20, 5, generator=gen)
+    m = SurgeonMethod()
+    for structure in (Structure("unstructured"), Structure("rows-columns")):
+        curv = Curvature(A=X.T @ X / 20, G=torch.zeros(6, 6))
+        m.prepare(curv, 0.1, 0.01, name="dead")
+        costs = m.costs(W, curv, structure)
+        for c in (costs.elements, costs.rows, costs.cols):
+            assert c is None or bool((c == 0).all())
+        mask = torch.rand(6, 5, generator=gen) < 0.5
+        removal = Removal(mask=mask) if structure.kind == "unstructured" else \
+            Removal(rows=torch.tensor([1, 3]), cols=torch.tensor([0]))
+        new = m.apply(W, curv, removal, structure)
+        kept = ~mask if structure.kind == "unstructured" else None
+        if kept is not None:
+            assert torch.equal(new[kept], W[kept]) and bool((new[mask] == 0).all())
+        else:
+            assert bool((new[[1, 3]] == 0).all()) and bool((new[:, 0] == 0).all())
+            assert torch.equal(new[[0, 2, 4, 5]][:, 1:], W[[0, 2, 4, 5]][:, 1:])
+    # a live layer is untouched by this rule
+    live = Curvature(A=X.T @ X / 20, G=torch.eye(6))
+    m.prepare(live, 0.1, 0.01)
+    assert not live.flat and live.Ginv is not None

@@ -75,6 +75,9 @@ class Curvature:
     G: torch.Tensor | None = None
     Ainv: torch.Tensor | None = None  # filled by methods that need inverses (surgeon)
     Ginv: torch.Tensor | None = None
+    # A factor that is exactly zero (no gradient reached the outputs, or every input is zero):
+    # the loss is flat in this layer's weights, so removing any of them costs nothing.
+    flat: bool = False
 
 
 @dataclass

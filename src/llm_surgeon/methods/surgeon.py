@@ -814,6 +814,12 @@ class SurgeonMethod:
     def prepare(self, curv, damp_g: float, damp_a: float, name: str = "layer") -> None:
         if curv.G is None or curv.A is None:
             raise ValueError(f"{name}: the surgeon needs Kronecker factors G and A")
+        if all(bool(torch.isfinite(M).all()) for M in (curv.G, curv.A)) and any(
+                float(torch.diagonal(M).abs().sum()) == 0.0 for M in (curv.G, curv.A)):
+            # a dead layer (every output row or input column removed, or gradients that
+            # underflow to exactly zero): F = G ⊗ A = 0, every removal costs 0, no update
+            curv.flat = True
+            return
         f = kron_factors(curv.G.double(), curv.A.double(), rel_damp_g=damp_g,
                          rel_damp_a=damp_a, name=name)
         dt = self.compute_dtype
@@ -824,6 +830,10 @@ class SurgeonMethod:
         from llm_surgeon.methods.base import Costs
 
         W = W.to(self.compute_dtype)
+        if curv.flat:
+            if structure.kind == "rows-columns":
+                return Costs(rows=W.new_zeros(W.shape[0]), cols=W.new_zeros(W.shape[1]))
+            return Costs(elements=torch.zeros_like(W))
         if structure.kind == "rows-columns":
             return Costs(rows=row_costs(W, curv.A, curv.Ginv),
                          cols=column_costs(W, curv.G, curv.Ainv))
@@ -833,6 +843,8 @@ class SurgeonMethod:
         """Cost of this layer's share of each of ``count`` coupled units (blocks of ``width``
         rows, or columns among the first ``count · width``; a bias column is never a unit's)."""
         W = W.to(self.compute_dtype)
+        if curv.flat:
+            return W.new_zeros(count)
         idx = torch.arange(count * width, device=W.device).view(count, width)
         if axis == "rows":
             return row_group_costs(W, curv.A, curv.Ginv, idx)
@@ -840,6 +852,10 @@ class SurgeonMethod:
 
     def apply(self, W: Tensor, curv, removal, structure) -> Tensor:
         W = W.to(self.compute_dtype)
+        if curv.flat:
+            from llm_surgeon.methods.obd import zero_removed
+
+            return zero_removed(W, removal)
         if removal.mask is not None:
             return prune_unstructured(W, curv.G, curv.A, removal.mask, Ginv=curv.Ginv,
                                       Ainv=curv.Ainv, rtol_loss=self.rtol_loss,

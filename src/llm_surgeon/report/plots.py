@@ -146,3 +146,28 @@ def shot_curve(report: dict[str, Any], path: str | Path) -> Path | None:
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper left")
     ax.set_title(f"{report['method']} {report['structure']}: after every shot")
     return _save(fig, path)
+
+
+def accuracy_vs_sparsity(rows: Sequence[dict[str, Any]], path: str | Path,
+                         chance: dict[str, float] | None = None,
+                         title: str = "zero-shot accuracy against sparsity") -> Path:
+    """Accuracy of every task (one line each) against sparsity; ``rows`` are
+    ``{"sparsity": s, "tasks": {name: {"acc": a, ...}}}``; dotted lines mark chance levels."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    tasks = sorted({t for r in rows for t in r["tasks"]})
+    for j, task in enumerate(tasks):
+        pts = sorted((100 * float(r["sparsity"]), float(r["tasks"][task]["acc"])) for r in rows
+                     if task in r["tasks"])
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=f"C{j}",
+                label=task)
+        if chance and task in chance:
+            ax.axhline(chance[task], color=f"C{j}", linestyle=":", linewidth=1,
+                       label=f"{task}: chance ({chance[task]:g})")
+    ax.set_xlabel("sparsity of the decoder linears (%)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
