@@ -36,6 +36,10 @@ CASES = [
     ("llama", "magnitude", "unstructured", 0.5, 1),
     ("llama", "sparsegpt", "unstructured", 0.5, 1),
     ("phi", "wanda", "2:4", None, 1),
+    # coupled units, physically removed layer by layer at the end
+    ("llama", "surgeon", "heads-channels", 0.3, 2),
+    ("opt", "k-obd", "heads-channels", 0.3, 1),
+    ("llama", "numerical", "heads-channels", 0.3, 1),
 ]
 
 
@@ -59,8 +63,12 @@ def test_streamed_equals_in_memory(tiny_model_dirs, sample_text_file, tmp_path, 
     model, _ = load_model(str(out), with_tokenizer=False)
     got, want = _weights(model), _weights(ref["_model"])
     assert got.keys() == want.keys()
-    for name in want:
+    for name in want:  # same shapes too: heads-channels shrank both the same way
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+    if structure == "heads-channels":
+        assert rep["shrink"] == ref["shrink"]
+        assert rep["shrink"]["params_decoder_linear_after"] < \
+            rep["shrink"]["params_decoder_linear_before"]
     assert rep["sparsity_achieved"] == pytest.approx(ref["sparsity_achieved"], abs=1e-9)
     assert rep["sparsity_achieved"] > 0.1
     assert rep["ppl_dense"] == pytest.approx(ref["ppl_dense"], rel=1e-5)
@@ -106,8 +114,8 @@ def test_budget_too_small_is_refused(tiny_model_dirs, sample_text_file, tmp_path
 
 def test_unsupported_combinations_are_refused(tiny_model_dirs, sample_text_file):
     cfg = _cfg(tiny_model_dirs["llama"], sample_text_file, max_memory="1GB",
-               structure="heads-channels", sparsity=0.2)
-    with pytest.raises(UserError, match="not supported with --structure heads-channels"):
+               nearest_kronecker=1)
+    with pytest.raises(UserError, match="not supported with --nearest-kronecker"):
         prune(cfg, progress=False)
 
 

@@ -22,9 +22,12 @@ and written back.
 Checkpoints: after every shot the layer files are hard-linked (copied across file systems) into
 ``DIR/checkpoint/``; ``--resume DIR`` reloads the model, puts them back and continues.
 
-Not (yet) streamed: heads-channels (coupled units and the physical shrink), Numerical pruning,
-the nearest-Kronecker estimate, the low-rank correction, and torchrun; each is refused with a
-clear message.
+Coupled units (``heads-channels``: the surgeon, the remove-only baselines, Numerical pruning)
+stream too: their costs are a few numbers per layer, and the physical shrink at the end runs one
+layer at a time (:func:`streamed_shrink`).
+
+Not (yet) streamed: the nearest-Kronecker estimate, the low-rank correction, and torchrun; each
+is refused with a clear message.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from llm_surgeon.models.offload import (
     resident_bytes,
     save_offloaded,
 )
+from llm_surgeon.models.units import remove_dead_units, unit_groups
 
 Batch = dict[str, Any]  # the keyword arguments the model passes to its decoder layers
 
@@ -285,7 +289,9 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
     by_layer = _by_layer(targets)
     index = {t.name: i for i, t in enumerate(targets)}
     shapes: dict[str, torch.Size] = {}
-    small: dict[str, Costs] = {}  # rows and columns: a few numbers per layer, kept in memory
+    small: dict[str, Costs] = {}  # rows and columns, units: a few numbers per layer, in memory
+    units = unit_groups(model, targets) if structure.kind == "heads-channels" else None
+    share = {p.target.name: (g, p) for g in units or [] for p in g.parts}
 
     def prepare(t: TargetLinear, curv: dict[str, Curvature]) -> None:
         if hasattr(method, "prepare"):
@@ -306,6 +312,12 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
                     W = augmented_weight(t)
                     shapes[t.name] = W.shape
                     prepare(t, curv)
+                    if units is not None:
+                        g, p = share[t.name]
+                        small[t.name] = Costs(units=method.unit_costs(
+                            W, curv[t.name], p.axis, p.width, g.count))
+                        curv[t.name] = Curvature()
+                        continue
                     c = method.costs(W, curv[t.name], structure)
                     if structure.kind == "rows-columns":
                         small[t.name] = c
@@ -320,9 +332,9 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
 
     removal_of: Callable[[TargetLinear], Removal]
     with timer("threshold"):
-        if structure.kind == "rows-columns":
+        if structure.kind in ("rows-columns", "heads-channels"):
             removals = select_removals(small, targets, meta, structure, target_sparsity, total,
-                                       method_allocation=method)
+                                       method_allocation=method, units=units)
             removal_of = lambda t: removals[t.name]  # noqa: E731
         elif getattr(method, "allocation", "global") == "layer" and len(targets) > 1:
             # each layer its fraction, remainder carried over (as select_removals does)
@@ -362,8 +374,11 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
                     W = augmented_weight(t)
                     prepare(t, curv)
                     write_augmented(t, method.apply(W, curv[t.name], removal_of(t), structure))
-                    counts[t.name] = layer_sparsity(t)
                     curv[t.name] = Curvature()
+                if units is not None:  # rows whose downstream column is gone go too
+                    remove_dead_units([g for g in units if g.layer == ell])
+                for t in mine:
+                    counts[t.name] = layer_sparsity(t)
     for f in list(work.glob("cost*.pt")) + list(work.glob("mask*.pt")) + \
             list(work.glob("curv*.pt")):
         f.unlink()
@@ -401,6 +416,95 @@ def streamed_layerwise(model: nn.Module, store: LayerStore, targets: list[Target
     for b in range(len(kwargs)):
         hs.drop("h", len(store), b)
     return counts
+
+
+@torch.no_grad()
+def streamed_unit_scoring(model: nn.Module, store: LayerStore, targets: list[TargetLinear],
+                          method: Any, sparsity: float, windows: torch.Tensor, cfg: PruneConfig,
+                          progress: bool, work: Path) -> dict[str, tuple[int, int]]:
+    """Numerical pruning (:func:`~llm_surgeon.layerwise.run_unit_scoring`) with one layer in
+    memory: one forward sweep for H = XᵀX of every output projection, scores layer by layer,
+    one ranking over all layers, then compensation and zeroing layer by layer."""
+    from llm_surgeon.run import layer_sparsity
+
+    work.mkdir(parents=True, exist_ok=True)
+    groups = unit_groups(model, targets)
+    outs = [next(p for p in g.parts if p.axis == "cols") for g in groups]
+    streamed_activations(model, store, [p.target for p in outs], windows, cfg, work, progress,
+                         f"{method.name}: XᵀX")
+
+    def grams(ell: int) -> dict[str, torch.Tensor]:
+        saved = torch.load(work / f"curv{ell}.pt", map_location=store.device,
+                           weights_only=True)
+        out = {}
+        for p in outs:
+            if p.target.layer_index == ell:
+                d = p.target.module.in_features
+                out[p.target.name] = saved[p.target.name][0][:d, :d]  # drop the bias input
+        return out
+
+    layers = sorted({g.layer for g in groups})
+    scores: list[torch.Tensor] = [torch.empty(0)] * len(groups)
+    for ell in tqdm(layers, desc=f"{method.name}: scores", leave=False, disable=not progress):
+        H = grams(ell)
+        with store.resident(ell):
+            for k, (g, p) in enumerate(zip(groups, outs, strict=True)):
+                if g.layer == ell:
+                    scores[k] = method.unit_scores(p.target.module.weight.detach(),
+                                                   H[p.target.name], p.width, g.count,
+                                                   1.0 - sparsity)
+    total = sum(t.module.weight.numel() + (t.module.bias.numel() if t.has_bias else 0)
+                for t in targets)
+    masks = threshold.select_units(scores, [g.params_per_unit() for g in groups],
+                                   threshold.target_count(total, sparsity), per_param=False)
+    counts: dict[str, tuple[int, int]] = {}
+    for ell in tqdm(layers, desc=f"{method.name}: compensate", leave=False,
+                    disable=not progress):
+        H = grams(ell)
+        with store.resident(ell, dirty=True):
+            for g, p, mask in zip(groups, outs, masks, strict=True):
+                chosen = torch.nonzero(mask).reshape(-1)
+                if g.layer != ell or chosen.numel() == 0:
+                    continue
+                lin = p.target.module
+                keep = torch.ones(lin.in_features, dtype=torch.bool)
+                keep[p.indices(chosen)] = False
+                new = method.compensate(lin.weight.detach().float(), H[p.target.name].float(),
+                                        keep)
+                lin.weight.copy_(new.to(lin.weight.dtype))
+                g.zero(chosen)
+            for t in targets:
+                if t.layer_index == ell:
+                    counts[t.name] = layer_sparsity(t)
+    return counts
+
+
+def streamed_shrink(model: nn.Module, store: LayerStore) -> dict[str, Any]:
+    """:func:`~llm_surgeon.models.shrink.shrink_model` one layer at a time: each layer's dead
+    units leave its module shapes, the smaller layer is written back; the config records every
+    layer's sizes. Returns the same summary."""
+    from llm_surgeon.models.shrink import _keep_units, _record_sizes
+
+    def n_params() -> int:
+        return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+    before = n_params()
+    removed = {"heads": 0, "channels": 0}
+    for ell in range(len(store)):
+        with store.resident(ell, dirty=True):
+            for g in unit_groups(model, [t for t in decoder_linears(model)
+                                         if t.layer_index == ell]):
+                keep_mask = ~g.dead()
+                if not bool(keep_mask.any()):
+                    keep_mask[0] = True
+                if bool(keep_mask.all()):
+                    continue
+                removed[g.kind] += int((~keep_mask).sum())
+                _keep_units(model, g, torch.nonzero(keep_mask).reshape(-1), store.layout)
+    sizes = _record_sizes(model, store.layout)
+    return {"params_before": before, "params_after": n_params(),
+            "kv_groups_removed": removed["heads"], "channels_removed": removed["channels"],
+            "layer_sizes": sizes}
 
 
 @torch.no_grad()
@@ -455,8 +559,6 @@ def _refuse(cfg: PruneConfig, structure: Structure, kind: str) -> None:
     why = None
     if distributed.active():
         why = "under torchrun"
-    elif structure.kind == "heads-channels" or kind == "units":
-        why = "with --structure heads-channels or --method numerical (coupled units)"
     elif cfg.nearest_kronecker > 0:
         why = "with --nearest-kronecker"
     elif cfg.lowrank_rank > 0 and cfg.lowrank_steps > 0:
@@ -561,7 +663,7 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | N
             report["ppl_dense"] = (dense_ppl if dense_ppl is not None and cfg.eval
                                    else evaluate("dense perplexity"))
         target = report["sparsity_target"]
-        n_shots = 1 if kind == "layerwise" else cfg.shots
+        n_shots = 1 if kind in ("layerwise", "units") else cfg.shots
         counts: dict[str, tuple[int, int]] = dict(_resume.get("counts", {})) if _resume else {}
         counts = {k: (int(v[0]), int(v[1])) for k, v in counts.items()}
         start = time.perf_counter() - sum(s["time_s"] for s in shots)
@@ -575,6 +677,10 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | N
                     counts = streamed_layerwise(model, store, targets, method, structure,
                                                 shot_target, windows, cfg, progress,
                                                 work / "shot")
+            elif kind == "units":
+                with timer("units"):
+                    counts = streamed_unit_scoring(model, store, targets, method, shot_target,
+                                                   windows, cfg, progress, work / "shot")
             else:
                 counts = streamed_shot(model, store, targets, method, structure, shot_target,
                                        windows, cfg, shot, timer, progress, work / "shot")
@@ -598,6 +704,22 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | N
             n for _, n in counts.values())
         report["shots"] = shots
         report["layers"], report["sparsity_by_type"] = layer_report_from_counts(targets, counts)
+        if structure.kind == "heads-channels":
+            dense_linear = sum(n for _, n in counts.values())
+            with timer("shrink"):
+                summary = streamed_shrink(model, store)
+            targets = decoder_linears(model)
+            report["shrink"] = {
+                "params_total_before": summary["params_before"],
+                "params_total_after": summary["params_after"],
+                "params_decoder_linear_before": dense_linear,
+                "params_decoder_linear_after": sum(
+                    t.module.weight.numel() + (t.module.bias.numel() if t.has_bias else 0)
+                    for t in targets),
+                "kv_groups_removed": summary["kv_groups_removed"],
+                "channels_removed": summary["channels_removed"],
+                "layer_sizes": summary["layer_sizes"],
+            }
         report["ppl"] = evaluate("pruned perplexity")
         if shots and cfg.eval_every_shot:
             shots[-1]["ppl"] = report["ppl"]
