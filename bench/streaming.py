@@ -100,10 +100,13 @@ def prune(model: Path, output: Path, extra: list[str], structure: str, sparsity:
            "--structure", structure, "--sparsity", sparsity, "--shots", str(shots),
            "--calib-samples", "8", "--seqlen", "128", "--eval-windows", "8",
            "--output", str(output), *extra]
+    if (output / "report.json").is_file():  # finished earlier: a rerun resumes
+        return json.loads((output / "report.json").read_text())
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     report = json.loads((output / "report.json").read_text())
     report["wall_s"] = time.perf_counter() - start
+    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
