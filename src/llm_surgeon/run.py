@@ -612,15 +612,8 @@ def prune(
         with timer("shrink"):
             summary = shrink_model(model)
         targets = decoder_linears(model)
-        report["shrink"] = {
-            "params_total_before": summary["params_before"],
-            "params_total_after": summary["params_after"],
-            "params_decoder_linear_before": dense_linear,
-            "params_decoder_linear_after": count_parameters(model)["params_decoder_linear"],
-            "kv_groups_removed": summary["kv_groups_removed"],
-            "channels_removed": summary["channels_removed"],
-            "layer_sizes": summary["layer_sizes"],
-        }
+        report["shrink"] = shrink_report(summary, dense_linear,
+                                         count_parameters(model)["params_decoder_linear"])
     report["ppl"] = evaluate("pruned perplexity")
     if shots and cfg.eval_every_shot:
         shots[-1]["ppl"] = report["ppl"]
@@ -635,6 +628,20 @@ def prune(
         )
     report["_model"] = model  # in-memory handle for callers (dropped before serialising)
     return report
+
+
+def shrink_report(summary: dict[str, Any], linear_before: int, linear_after: int
+                  ) -> dict[str, Any]:
+    """The report's ``shrink`` entry from a shrink summary and the decoder-linear counts."""
+    return {
+        "params_total_before": summary["params_before"],
+        "params_total_after": summary["params_after"],
+        "params_decoder_linear_before": linear_before,
+        "params_decoder_linear_after": linear_after,
+        "kv_groups_removed": summary["kv_groups_removed"],
+        "channels_removed": summary["channels_removed"],
+        "layer_sizes": summary["layer_sizes"],
+    }
 
 
 def strip_private(report: dict[str, Any]) -> dict[str, Any]:

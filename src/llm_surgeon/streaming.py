@@ -486,7 +486,7 @@ def streamed_shrink(model: nn.Module, store: LayerStore) -> dict[str, Any]:
     """:func:`~llm_surgeon.models.shrink.shrink_model` one layer at a time: each layer's dead
     units leave its module shapes, the smaller layer is written back; the config records every
     layer's sizes. Returns the same summary."""
-    from llm_surgeon.models.shrink import _keep_units, _record_sizes
+    from llm_surgeon.models.shrink import _record_sizes, shrink_group
 
     def n_params() -> int:
         return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -497,13 +497,7 @@ def streamed_shrink(model: nn.Module, store: LayerStore) -> dict[str, Any]:
         with store.resident(ell, dirty=True):
             for g in unit_groups(model, [t for t in decoder_linears(model)
                                          if t.layer_index == ell]):
-                keep_mask = ~g.dead()
-                if not bool(keep_mask.any()):
-                    keep_mask[0] = True
-                if bool(keep_mask.all()):
-                    continue
-                removed[g.kind] += int((~keep_mask).sum())
-                _keep_units(model, g, torch.nonzero(keep_mask).reshape(-1), store.layout)
+                removed[g.kind] += shrink_group(model, g, store.layout)
     sizes = _record_sizes(model, store.layout)
     return {"params_before": before, "params_after": n_params(),
             "kv_groups_removed": removed["heads"], "channels_removed": removed["channels"],
@@ -603,6 +597,7 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | N
         check_output_dir,
         layer_report_from_counts,
         report_header,
+        shrink_report,
     )
 
     structure = cfg.validate()
@@ -713,17 +708,9 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | N
             with timer("shrink"):
                 summary = streamed_shrink(model, store)
             targets = decoder_linears(model)
-            report["shrink"] = {
-                "params_total_before": summary["params_before"],
-                "params_total_after": summary["params_after"],
-                "params_decoder_linear_before": dense_linear,
-                "params_decoder_linear_after": sum(
-                    t.module.weight.numel() + (t.module.bias.numel() if t.has_bias else 0)
-                    for t in targets),
-                "kv_groups_removed": summary["kv_groups_removed"],
-                "channels_removed": summary["channels_removed"],
-                "layer_sizes": summary["layer_sizes"],
-            }
+            report["shrink"] = shrink_report(summary, dense_linear, sum(
+                t.module.weight.numel() + (t.module.bias.numel() if t.has_bias else 0)
+                for t in targets))
         report["ppl"] = evaluate("pruned perplexity")
         if shots and cfg.eval_every_shot:
             shots[-1]["ppl"] = report["ppl"]

@@ -103,6 +103,18 @@ def _record_sizes(model: Any, layout: Layout) -> list[dict[str, int]]:
     return sizes
 
 
+def shrink_group(model: nn.Module, group: UnitGroup, layout: Layout) -> int:
+    """Drop the dead units of one group from the module shapes (at least one unit stays: a
+    zero one if all were pruned); returns how many went."""
+    keep_mask = ~group.dead()
+    if not bool(keep_mask.any()):
+        keep_mask[0] = True
+    if bool(keep_mask.all()):
+        return 0
+    _keep_units(model, group, torch.nonzero(keep_mask).reshape(-1), layout)
+    return int((~keep_mask).sum())
+
+
 def shrink_model(model: Any) -> dict[str, Any]:
     """Remove every dead unit (heads in whole KV groups, MLP channels) from the module shapes.
 
@@ -114,13 +126,7 @@ def shrink_model(model: Any) -> dict[str, Any]:
     before = sum(p.numel() for p in model.parameters())
     removed = {"heads": 0, "channels": 0}
     for g in unit_groups(model):
-        keep_mask = ~g.dead()
-        if not bool(keep_mask.any()):
-            keep_mask[0] = True
-        if bool(keep_mask.all()):
-            continue
-        removed[g.kind] += int((~keep_mask).sum())
-        _keep_units(model, g, torch.nonzero(keep_mask).reshape(-1), layout)
+        removed[g.kind] += shrink_group(model, g, layout)
     sizes = _record_sizes(model, layout)
     after = sum(p.numel() for p in model.parameters())
     return {
