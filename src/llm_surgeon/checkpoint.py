@@ -21,7 +21,7 @@ import torch
 
 from llm_surgeon.errors import UserError
 from llm_surgeon.models.layouts import TargetLinear
-from llm_surgeon.models.load import replace_dir
+from llm_surgeon.models.load import atomic_folder
 
 CHECKPOINT = "checkpoint"
 VERSION = 1
@@ -59,13 +59,7 @@ def save_checkpoint(out_dir: str | Path, targets: list[TargetLinear], state: dic
     (``--max-memory``) passes its per-layer files instead: they are the decoder's state."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(out_dir)
-    tmp = out_dir / f".{CHECKPOINT}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(checkpoint_dir(out_dir)) as tmp:
         if layer_files is None:
             save_file(_tensors(targets), str(tmp / "weights.safetensors"))
         else:
@@ -75,10 +69,6 @@ def save_checkpoint(out_dir: str | Path, targets: list[TargetLinear], state: dic
         payload = {**state, "version": VERSION,
                    "rng": torch.get_rng_state().tolist()}
         (tmp / "state.json").write_text(json.dumps(payload) + "\n")
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_state(out_dir: str | Path) -> dict[str, Any]:

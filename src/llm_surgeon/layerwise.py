@@ -170,17 +170,32 @@ def run_unit_scoring(
                            1.0 - sparsity)
         for g, p in zip(groups, outs, strict=True)
     ]
+    masks = rank_units(scores, groups, targets, sparsity)
+    for g, p, mask in zip(groups, outs, masks, strict=True):
+        remove_scored_units(method, g, p, mask, H[p.target.name])
+
+
+def rank_units(scores: list[torch.Tensor], groups: list[Any], targets: list[TargetLinear],
+               sparsity: float) -> list[torch.Tensor]:
+    """One ranking of all units by score (lowest first) until ``sparsity`` of the
+    decoder-linear weights and biases is gone; per group a bool mask of the chosen units."""
     total = sum(t.module.weight.numel() + (t.module.bias.numel() if t.has_bias else 0)
                 for t in targets)
-    masks = threshold.select_units(scores, [g.params_per_unit() for g in groups],
-                                   threshold.target_count(total, sparsity), per_param=False)
-    for g, p, mask in zip(groups, outs, masks, strict=True):
-        chosen = torch.nonzero(mask).reshape(-1)
-        if chosen.numel() == 0:
-            continue
-        lin = p.target.module
-        keep = torch.ones(lin.in_features, dtype=torch.bool)
-        keep[p.indices(chosen)] = False
-        new = method.compensate(lin.weight.detach().float(), H[p.target.name].float(), keep)
-        lin.weight.copy_(new.to(lin.weight.dtype))
-        g.zero(chosen)
+    return threshold.select_units(scores, [g.params_per_unit() for g in groups],
+                                  threshold.target_count(total, sparsity), per_param=False)
+
+
+@torch.no_grad()
+def remove_scored_units(method: Any, group: Any, out: Any, mask: torch.Tensor,
+                        H: torch.Tensor) -> None:
+    """Compensate the output projection ``out`` for the chosen units' inputs in closed form
+    (``method.compensate`` with H = XᵀX of its input), then zero every part of those units."""
+    chosen = torch.nonzero(mask).reshape(-1)
+    if chosen.numel() == 0:
+        return
+    lin = out.target.module
+    keep = torch.ones(lin.in_features, dtype=torch.bool)
+    keep[out.indices(chosen)] = False
+    new = method.compensate(lin.weight.detach().float(), H.float(), keep)
+    lin.weight.copy_(new.to(lin.weight.dtype))
+    group.zero(chosen)

@@ -174,6 +174,35 @@ def check_finite(curv: dict[str, Curvature]) -> None:
                 )
 
 
+def prepare_curvature(method: Any, curv: Curvature, t: TargetLinear, cfg: PruneConfig) -> None:
+    """Let a method that needs them (the surgeon) damp and invert one layer's factors; an
+    unusable factor becomes a one-line error naming the layer."""
+    if not hasattr(method, "prepare"):
+        return
+    try:
+        method.prepare(curv, cfg.damp_g, cfg.damp_a, name=t.name)
+    except ValueError as exc:
+        raise UserError(
+            f"curvature of {t.name} is unusable ({exc}); try more "
+            "damping (--damp-g/--damp-a) or more calibration data"
+        ) from None
+
+
+def allocate_per_layer(
+    targets: list[TargetLinear],
+    numel: dict[str, int],
+    target_sparsity: float,
+    pick: Any,
+) -> None:
+    """Each layer gets the target fraction; what a coarse layer (whole rows and columns)
+    cannot take exactly is carried over to the next, so the total stays on target.
+    ``pick(t, want)`` removes up to ``want`` candidates of ``t`` and returns how many went."""
+    seen = removed = 0
+    for t in targets:
+        seen += numel[t.name]
+        removed += pick(t, threshold.target_count(seen, target_sparsity) - removed)
+
+
 def select_removals(
     costs: dict[str, Costs],
     targets: list[TargetLinear],
@@ -196,16 +225,14 @@ def select_removals(
         layerwise = getattr(method_allocation, "allocation", "global") == "layer"
         return _select_units(costs, units, total, target_sparsity, layerwise)
     if getattr(method_allocation, "allocation", "global") == "layer" and len(targets) > 1:
-        # Each layer gets the target fraction; what a coarse layer (whole rows and columns)
-        # cannot take exactly is carried over to the next, so the total stays on target.
         removals: dict[str, Removal] = {}
-        seen = removed = 0
-        for t in targets:
-            seen += int(weights[t.name].numel())
-            want = threshold.target_count(seen, target_sparsity) - removed
-            part = _select({t.name: costs[t.name]}, [t], weights, structure, want)
-            removals.update(part)
-            removed += _removed_count(part[t.name], weights[t.name].shape)
+
+        def pick(t: TargetLinear, want: int) -> int:
+            removals.update(_select({t.name: costs[t.name]}, [t], weights, structure, want))
+            return _removed_count(removals[t.name], weights[t.name].shape)
+
+        allocate_per_layer(targets, {k: int(w.numel()) for k, w in weights.items()},
+                           target_sparsity, pick)
         return removals
     return _select(
         costs, targets, weights, structure, threshold.target_count(total, target_sparsity)
@@ -312,14 +339,7 @@ def run_shot(
     with timer("costs"):
         for t in tqdm(targets, desc=f"shot {shot}: costs", leave=False, disable=not progress):
             weights[t.name] = augmented_weight(t)
-            if hasattr(method, "prepare"):
-                try:
-                    method.prepare(curv[t.name], cfg.damp_g, cfg.damp_a, name=t.name)
-                except ValueError as exc:
-                    raise UserError(
-                        f"curvature of {t.name} is unusable ({exc}); try more "
-                        "damping (--damp-g/--damp-a) or more calibration data"
-                    ) from None
+            prepare_curvature(method, curv[t.name], t, cfg)
             if units is not None:
                 g, p = share[t.name]
                 costs[t.name] = Costs(

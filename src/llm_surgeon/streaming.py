@@ -53,7 +53,12 @@ from llm_surgeon.curvature.kfac import FactorCollector, next_token_loss
 from llm_surgeon.data.corpora import load_text
 from llm_surgeon.errors import UserError
 from llm_surgeon.evaluate.perplexity import perplexity_from_nll, token_nll
-from llm_surgeon.layerwise import capture_layer_inputs, prune_layer_linears
+from llm_surgeon.layerwise import (
+    capture_layer_inputs,
+    prune_layer_linears,
+    rank_units,
+    remove_scored_units,
+)
 from llm_surgeon.methods import threshold
 from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure
 from llm_surgeon.methods.registry import get_method
@@ -271,9 +276,11 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
     from llm_surgeon.run import (
         _select,
         _test_kill_point,
+        allocate_per_layer,
         augmented_weight,
         check_finite,
         layer_sparsity,
+        prepare_curvature,
         select_removals,
         write_augmented,
     )
@@ -294,14 +301,6 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
     units = unit_groups(model, targets) if structure.kind == "heads-channels" else None
     share = {p.target.name: (g, p) for g in units or [] for p in g.parts}
 
-    def prepare(t: TargetLinear, curv: dict[str, Curvature]) -> None:
-        if hasattr(method, "prepare"):
-            try:
-                method.prepare(curv[t.name], cfg.damp_g, cfg.damp_a, name=t.name)
-            except ValueError as exc:
-                raise UserError(f"curvature of {t.name} is unusable ({exc}); try more damping "
-                                "(--damp-g/--damp-a) or more calibration data") from None
-
     with timer("costs"):
         for ell in tqdm(range(len(store)), desc=f"shot {shot}: costs", leave=False,
                         disable=not progress):
@@ -312,7 +311,7 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
                 for t in mine:
                     W = augmented_weight(t)
                     shapes[t.name] = W.shape
-                    prepare(t, curv)
+                    prepare_curvature(method, curv[t.name], t, cfg)
                     if units is not None:
                         g, p = share[t.name]
                         small[t.name] = Costs(units=method.unit_costs(
@@ -339,16 +338,15 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
                                        method_allocation=method, units=units)
             removal_of = lambda t: removals[t.name]  # noqa: E731
         elif getattr(method, "allocation", "global") == "layer" and len(targets) > 1:
-            # each layer its fraction, remainder carried over (as select_removals does)
-            seen = removed = 0
-            for t in targets:
-                seen += math.prod(shapes[t.name])
-                want = threshold.target_count(seen, target_sparsity) - removed
+            def pick(t: TargetLinear, want: int) -> int:  # one layer's mask, to disk
                 part = _select({t.name: Costs(elements=element_costs(index[t.name]))}, [t],
                                meta, structure, want)[t.name]
                 assert part.mask is not None
                 torch.save(part.mask, work / f"mask{index[t.name]}.pt")
-                removed += int(part.mask.sum())
+                return int(part.mask.sum())
+
+            allocate_per_layer(targets, {k: math.prod(v) for k, v in shapes.items()},
+                               target_sparsity, pick)
             removal_of = lambda t: Removal(mask=torch.load(  # noqa: E731
                 work / f"mask{index[t.name]}.pt", map_location=store.device, weights_only=True))
         else:
@@ -375,7 +373,7 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
             with store.resident(ell, dirty=True):
                 for t in mine:
                     W = augmented_weight(t)
-                    prepare(t, curv)
+                    prepare_curvature(method, curv[t.name], t, cfg)
                     write_augmented(t, method.apply(W, curv[t.name], removal_of(t), structure))
                     curv[t.name] = Curvature()
                 if units is not None:  # rows whose downstream column is gone go too
@@ -456,26 +454,15 @@ def streamed_unit_scoring(model: nn.Module, store: LayerStore, targets: list[Tar
                     scores[k] = method.unit_scores(p.target.module.weight.detach(),
                                                    H[p.target.name], p.width, g.count,
                                                    1.0 - sparsity)
-    total = sum(t.module.weight.numel() + (t.module.bias.numel() if t.has_bias else 0)
-                for t in targets)
-    masks = threshold.select_units(scores, [g.params_per_unit() for g in groups],
-                                   threshold.target_count(total, sparsity), per_param=False)
+    masks = rank_units(scores, groups, targets, sparsity)
     counts: dict[str, tuple[int, int]] = {}
     for ell in tqdm(layers, desc=f"{method.name}: compensate", leave=False,
                     disable=not progress):
         H = grams(ell)
         with store.resident(ell, dirty=True):
             for g, p, mask in zip(groups, outs, masks, strict=True):
-                chosen = torch.nonzero(mask).reshape(-1)
-                if g.layer != ell or chosen.numel() == 0:
-                    continue
-                lin = p.target.module
-                keep = torch.ones(lin.in_features, dtype=torch.bool)
-                keep[p.indices(chosen)] = False
-                new = method.compensate(lin.weight.detach().float(), H[p.target.name].float(),
-                                        keep)
-                lin.weight.copy_(new.to(lin.weight.dtype))
-                g.zero(chosen)
+                if g.layer == ell:
+                    remove_scored_units(method, g, p, mask, H[p.target.name])
             for t in targets:
                 if t.layer_index == ell:
                     counts[t.name] = layer_sparsity(t)

@@ -531,7 +531,10 @@ def streamed_global_masks(load: Callable[[int], Tensor], n_layers: int,
     if k <= 0:
         return StreamedSelection(float("-inf"), [0] * n_layers, key_dtype)
     keys = _Lazy(n_layers, key)
-    elig = _Lazy(n_layers, lambda i: key(i) != float("inf"))
+    # Ineligible keys are +inf already, which is all an eligibility mask would make of them:
+    # "everything eligible" gives the same k-th value without reading each layer twice.
+    every = torch.ones((), dtype=torch.bool)
+    elig = _Lazy(n_layers, lambda i: every)
     t = _kth_smallest(keys, elig, k)  # type: ignore[arg-type]
     taken, equal = 0, []
     for i in range(n_layers):
