@@ -314,8 +314,8 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
                     prepare_curvature(method, curv[t.name], t, cfg)
                     if units is not None:
                         g, p = share[t.name]
-                        small[t.name] = Costs(units=method.unit_costs(
-                            W, curv[t.name], p.axis, p.width, g.count))
+                        small[t.name] = Costs(units=p.unit_costs(
+                            method, W, curv[t.name], g.count))
                         curv[t.name] = Curvature()
                         continue
                     c = method.costs(W, curv[t.name], structure)
