@@ -82,7 +82,8 @@ def layer_sizes(model: Any) -> list[dict[str, int]]:
 def _keep_units(model: nn.Module, group: UnitGroup, keep: torch.Tensor, layout: Layout) -> None:
     """Keep only the units ``keep`` (sorted indices) of one group, physically."""
     for part in group.parts:
-        idx = part.indices(keep).to(part.target.module.weight.device)
+        # ascending: a fused linear keeps its arrangement (blocks stay blocks, groups groups)
+        idx = part.indices(keep).sort().values.to(part.target.module.weight.device)
         parent, child = _parent(model, part.target.name)
         setattr(parent, child, _slice_linear(part.target.module, part.axis, idx))
     # Modules that cache a head or channel count: the parent of the group's last linear.
@@ -217,6 +218,20 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def _checkpoint_names_to_model(model: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Apply the renamings ``transformers`` applies when loading (some families save tensors
+    under other names than their modules', e.g. GPT-NeoX ``embed_out`` for ``lm_head``)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers: names on disk are the modules' names
+        return state
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return state
+    return {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
+
+
 def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> Any:
     """Load a folder written by ``llm-surgeon prune`` whose layers may differ in size."""
     from accelerate import init_empty_weights
@@ -237,6 +252,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> Any:
     for f in _weight_files(folder):
         state.update(load_file(str(f)))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = _checkpoint_names_to_model(model, state)
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise UserError(f"{folder}: unexpected tensors {unexpected[:3]}")
