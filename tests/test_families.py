@@ -219,3 +219,52 @@ def test_projection_norm_binds_query_rows():
         assert bool(g.dead()[1]) == dead_at_once
         g.zero(torch.tensor([1]))
         assert bool(g.dead()[1])
+
+
+def test_layerwise_feeds_each_layer_its_own_attention_type():
+    """Gemma 2 alternates sliding-window and global layers, which the model hands different
+    masks: the layer-wise driver gives every layer its own (layer 2's inputs come out of the
+    global layer 1), so each H equals XᵀX of that linear's inputs in the final pruned model."""
+    from llm_surgeon.layerwise import at_layer, capture_layer_inputs, run_layerwise
+    from llm_surgeon.methods.base import Structure
+    from tests.test_layerwise import Recorder
+
+    model = zoo_model("gemma2", num_hidden_layers=3, sliding_window=4)
+    windows = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    ((_, kw),) = capture_layer_inputs(model, windows[:1], 1)
+    assert at_layer(kw, 1)["attention_mask"] is not at_layer(kw, 0)["attention_mask"]
+    assert at_layer(kw, 2)["attention_mask"] is at_layer(kw, 0)["attention_mask"]
+    rec = Recorder()
+    targets = decoder_linears(model)
+    run_layerwise(model, targets, rec, Structure("unstructured"), 0.5, windows, batch_size=1,
+                  progress=False)
+    grams = {}
+
+    def hook(mod, args, _out):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        grams[mod] = grams.get(mod, 0) + x.T @ x
+
+    handles = [t.module.register_forward_hook(hook) for t in targets]
+    with torch.no_grad():
+        for i in range(3):
+            model(input_ids=windows[i : i + 1], use_cache=False)
+    for h in handles:
+        h.remove()
+    for t, (_, H) in zip(targets, rec.seen, strict=True):
+        if t.role in ("attn.q", "attn.k", "attn.v"):
+            torch.testing.assert_close(H.double(), grams[t.module], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "structure"), [("gemma3_text", "heads-channels"),
+                                                   ("gpt_neox", "unstructured"),
+                                                   ("phi3", "heads-channels")])
+def test_streamed_equals_in_memory(family, structure, zoo_dirs, sample_text_file, tmp_path):
+    """--max-memory on families with layer-type alternation (Gemma 3), renamed checkpoint
+    tensors (GPT-NeoX embed_out) and fused projections (Phi-3): the same pruned model."""
+    kw = dict(structure=structure, sparsity=0.3, eval=True)
+    ref = prune(_cfg(zoo_dirs(family), sample_text_file, **kw), progress=False)
+    rep = prune(_cfg(zoo_dirs(family), sample_text_file, max_memory="64MB",
+                     offload_dir=str(tmp_path / "off"), **kw), progress=False)
+    assert rep["streamed"]["decoder_layers"] == 2
+    assert rep["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
+    assert rep["sparsity_achieved"] == pytest.approx(ref["sparsity_achieved"], abs=1e-9)
