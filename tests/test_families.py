@@ -59,7 +59,18 @@ def _weight_sparsity(t) -> float:
 @pytest.mark.parametrize("family", list(ZOO))
 def test_family_end_to_end(family, zoo_dirs, sample_text_file, tmp_path, monkeypatch):
     d = zoo_dirs(family)
-    layout = layout_for(zoo_model(family))
+    dense = zoo_model(family)
+    layout = layout_for(dense)
+    # the layout finds every linear inside the decoder layers, and a fused one's rows add up
+    found = decoder_linears(dense, layout)
+    assert {t.name for t in found} == {
+        n for n, m in dense.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith(layout.layers + ".")}
+    for g in unit_groups(dense):
+        for p in g.parts:
+            size = p.target.module.out_features if p.axis == "rows" else \
+                p.target.module.in_features
+            assert size == g.count * p.width  # every row (column) belongs to one unit
 
     # surgeon, unstructured: the global target within 0.5 pp
     rep = prune(_cfg(d, sample_text_file, sparsity=0.5), progress=False)
@@ -76,6 +87,7 @@ def test_family_end_to_end(family, zoo_dirs, sample_text_file, tmp_path, monkeyp
 
     # surgeon, heads-channels: the shrink inside the run changes no logit
     seen = {}
+    removed = {}
     real_shrink = run_module.shrink_model
 
     def checked_shrink(model):
@@ -86,20 +98,27 @@ def test_family_end_to_end(family, zoo_dirs, sample_text_file, tmp_path, monkeyp
         return summary
 
     monkeypatch.setattr(run_module, "shrink_model", checked_shrink)
-    out = tmp_path / "hc"
-    rep = prune(_cfg(d, sample_text_file, structure="heads-channels", sparsity=0.3,
-                     output=str(out)), progress=False)
-    model = rep["_model"]
-    assert 0.1 <= rep["sparsity_achieved"] <= 0.3
-    after = count_parameters(model)["params_decoder_linear"]
-    assert after < seen["params_before"]  # really smaller
-    assert after == count_parameters(model)["params_decoder_linear_nonzero"]
-    assert (seen["shrunk"] - seen["masked"]).abs().max().item() <= 1e-5
-    saved = json.loads((out / "config.json").read_text())
-    assert saved[SIZES_KEY] == rep["shrink"]["layer_sizes"] == layer_sizes(model)
-    reloaded = load(out)
-    assert layer_sizes(reloaded) == layer_sizes(model)
-    assert (_logits(reloaded) - _logits(model)).abs().max().item() <= 1e-5
+    # the surgeon, and Numerical (which removes whole KV groups in these tiny models, so that
+    # the fused slices and head norms are shrunk inside a real run too)
+    for method in ("surgeon", "numerical"):
+        out = tmp_path / f"hc-{method}"
+        rep = prune(_cfg(d, sample_text_file, method=method, structure="heads-channels",
+                         sparsity=0.3, output=str(out)), progress=False)
+        model = rep["_model"]
+        assert 0.1 <= rep["sparsity_achieved"] <= 0.3
+        after = count_parameters(model)["params_decoder_linear"]
+        assert after < seen["params_before"]  # really smaller
+        assert after == count_parameters(model)["params_decoder_linear_nonzero"]
+        assert (seen["shrunk"] - seen["masked"]).abs().max().item() <= 1e-5
+        saved = json.loads((out / "config.json").read_text())
+        assert saved[SIZES_KEY] == rep["shrink"]["layer_sizes"] == layer_sizes(model)
+        reloaded = load(out)
+        assert layer_sizes(reloaded) == layer_sizes(model)
+        assert (_logits(reloaded) - _logits(model)).abs().max().item() <= 1e-5
+        removed[method] = rep["shrink"]["kv_groups_removed"]
+    groups = [g.count for g in unit_groups(zoo_model(family)) if g.kind == "heads"]
+    if min(groups) > 1:
+        assert removed["numerical"] > 0  # heads really left the shapes in a run
 
     # the layer-wise methods: every linear's weights on target
     for method in ("sparsegpt", "wanda", "maiht"):
@@ -255,16 +274,24 @@ def test_layerwise_feeds_each_layer_its_own_attention_type():
             torch.testing.assert_close(H.double(), grams[t.module], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("family", "structure"), [("gemma3_text", "heads-channels"),
-                                                   ("gpt_neox", "unstructured"),
-                                                   ("phi3", "heads-channels")])
-def test_streamed_equals_in_memory(family, structure, zoo_dirs, sample_text_file, tmp_path):
+@pytest.mark.parametrize(("family", "method", "structure"), [
+    ("gemma3_text", "surgeon", "heads-channels"),
+    ("gpt_neox", "surgeon", "unstructured"),
+    ("phi3", "surgeon", "heads-channels"),
+    ("phi3", "numerical", "heads-channels"),
+    ("olmo2", "numerical", "heads-channels"),
+])
+def test_streamed_equals_in_memory(family, method, structure, zoo_dirs, sample_text_file,
+                                   tmp_path):
     """--max-memory on families with layer-type alternation (Gemma 3), renamed checkpoint
-    tensors (GPT-NeoX embed_out) and fused projections (Phi-3): the same pruned model."""
-    kw = dict(structure=structure, sparsity=0.3, eval=True)
+    tensors (GPT-NeoX embed_out), fused projections (Phi-3) and head norms (OLMo 2): the same
+    pruned model."""
+    kw = dict(method=method, structure=structure, sparsity=0.3, eval=True)
     ref = prune(_cfg(zoo_dirs(family), sample_text_file, **kw), progress=False)
     rep = prune(_cfg(zoo_dirs(family), sample_text_file, max_memory="64MB",
                      offload_dir=str(tmp_path / "off"), **kw), progress=False)
     assert rep["streamed"]["decoder_layers"] == 2
     assert rep["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
     assert rep["sparsity_achieved"] == pytest.approx(ref["sparsity_achieved"], abs=1e-9)
+    if structure == "heads-channels":
+        assert rep["shrink"]["layer_sizes"] == ref["shrink"]["layer_sizes"]
