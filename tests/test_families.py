@@ -127,29 +127,36 @@ def test_family_end_to_end(family, zoo_dirs, sample_text_file, tmp_path, monkeyp
         for t in decoder_linears(rep["_model"]):
             assert abs(_weight_sparsity(t) - 0.5) <= 0.01, (method, t.name)
 
-    # uniform shrinks by hand (one KV group where there are two or more, and a few channels in
-    # every layer; or channels only): heads, fused slices and head norms leave the shapes, the
-    # logits stay; llm_surgeon.load reloads exactly, and plain transformers exactly where the
-    # layout says the family's config can express the sizes (else the config is left as it was)
+    # shrinks by hand: uniform (one KV group where there are two or more, and a few channels in
+    # every layer), channels only, and per-layer (a KV group of layer 0 only): heads, fused
+    # slices and head norms leave the shapes, the logits stay; llm_surgeon.load reloads
+    # exactly, and a uniform result plain transformers too exactly where the layout says the
+    # family's config can express the sizes (else the config is left as it was)
     from transformers import AutoModelForCausalLM
 
     fresh = zoo_model(family).config
-    for with_heads in (True, False):
+    for case in ("uniform", "channels", "per-layer"):
         model = zoo_model(family)
         for g in unit_groups(model):
-            if g.kind == "heads" and g.count > 1 and with_heads:
-                g.zero(torch.tensor([0]))
-            elif g.kind == "channels":
+            if g.kind == "heads" and g.count > 1 and case != "channels":
+                if case == "uniform" or g.layer == 0:
+                    g.zero(torch.tensor([0]))
+            elif g.kind == "channels" and case != "per-layer":
                 g.zero(torch.tensor([1, 4, g.count - 1]))
         masked = _logits(model)
         summary = shrink_model(model)
-        assert summary["params_after"] < summary["params_before"]
+        if case != "per-layer" or summary["kv_groups_removed"]:
+            assert summary["params_after"] < summary["params_before"]
         torch.testing.assert_close(_logits(model), masked, rtol=0, atol=1e-5)
         sizes = layer_sizes(model)
-        assert all(s == sizes[0] for s in sizes)
-        folder = tmp_path / f"uniform-{with_heads}"
+        folder = tmp_path / f"by-hand-{case}"
         save_atomically(model, None, folder)
-        torch.testing.assert_close(_logits(load(folder)), _logits(model), rtol=0, atol=0)
+        reloaded = load(folder)
+        assert layer_sizes(reloaded) == sizes
+        torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=0, atol=0)
+        if case == "per-layer":
+            continue
+        assert all(s == sizes[0] for s in sizes)
         if config_can_say(layout, fresh, sizes[0]):
             plain = AutoModelForCausalLM.from_pretrained(folder).eval()
             torch.testing.assert_close(_logits(plain), _logits(model), rtol=0, atol=1e-6)
