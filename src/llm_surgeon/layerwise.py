@@ -94,6 +94,7 @@ def capture_layer_inputs(
 
         return forward
 
+    own = [layer.__dict__.get("forward") for layer in layers]  # e.g. an accelerate hook's
     for i, layer in enumerate(layers):
         layer.forward = stand_in(i)
     try:
@@ -110,8 +111,11 @@ def capture_layer_inputs(
                 first.per_layer = differ
             captured.append((hidden, first))
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return captured
 
 
