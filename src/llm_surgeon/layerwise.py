@@ -3,7 +3,8 @@
 **Layer-wise** (SparseGPT, Wanda, mAIHT): one decoder layer at a time, each on the outputs of the
 already-pruned layers before it (as their papers do).
 
-    calibration windows ──► inputs of decoder layer 0 (captured by a hook that stops the model)
+    calibration windows ──► inputs of decoder layer 0 and every layer's keyword arguments
+                            (captured by stand-ins for the layers; the model stops at the last)
     for every decoder layer ℓ:
         run ℓ on its inputs with hooks on its linears ──► statistics (H = XᵀX, or diag H)
         prune every linear of ℓ from its statistics (the method's pure math)
@@ -51,31 +52,70 @@ class _Stop(Exception):
     pass
 
 
+class LayerKwargs(dict):
+    """The keyword arguments the model passes to decoder layer 0, and in ``per_layer[ℓ]`` those
+    that differ for layer ℓ (families alternating sliding-window and global attention give
+    those layers other masks and rotary tables); read them with :func:`at_layer`."""
+
+    per_layer: list[dict[str, Any]]
+
+
+def at_layer(kwargs: dict[str, Any], index: int) -> dict[str, Any]:
+    """The keyword arguments of decoder layer ``index`` (``kwargs`` itself where they equal
+    layer 0's)."""
+    per_layer = getattr(kwargs, "per_layer", None)
+    if not per_layer or index >= len(per_layer) or not per_layer[index]:
+        return kwargs
+    return {**kwargs, **per_layer[index]}
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: Any, windows: torch.Tensor, batch_size: int, progress: bool = False
 ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     """Hidden states entering decoder layer 0 and the keyword arguments the model passes to its
-    layers (attention mask, rotary embeddings, positions), one entry per batch of windows."""
+    layers (attention mask, rotary embeddings, positions; a :class:`LayerKwargs` when they differ
+    between layers), one entry per batch of windows. No layer runs: each is replaced by a
+    stand-in that records its arguments and passes the hidden states through."""
     layers = decoder_layers(model)
     device = next(model.parameters()).device
     windows = distributed.shard(windows)  # torchrun: this rank's share; Grams are all-reduced
     captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    seen: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
-    def grab(_module: Any, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items()
+    def stand_in(index: int) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            seen.append((hidden.detach(), {k: v for k, v in kwargs.items()
                                            if k != "hidden_states"}))
-        raise _Stop
+            if index == len(layers) - 1:
+                raise _Stop
+            return hidden
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        return forward
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # e.g. an accelerate hook's
+    for i, layer in enumerate(layers):
+        layer.forward = stand_in(i)
     try:
         for i in tqdm(range(0, windows.shape[0], batch_size), desc="layer-0 inputs",
                       leave=False, disable=not progress):
+            seen.clear()
             with contextlib.suppress(_Stop):
                 model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+            hidden, first = seen[0]
+            differ = [{k: v for k, v in kw.items() if k not in first or first[k] is not v}
+                      for _, kw in seen]
+            if any(differ):
+                first = LayerKwargs(first)
+                first.per_layer = differ
+            captured.append((hidden, first))
     finally:
-        handle.remove()
+        for layer, forward in zip(layers, own, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return captured
 
 
@@ -103,12 +143,13 @@ def run_layerwise(
     for index in tqdm(range(len(layers)), desc=f"{method.name}: layers", disable=not progress):
         layer = layers[index]
 
-        def run_all(layer: Any = layer, inputs: list = inputs) -> None:
+        def run_all(layer: Any = layer, inputs: list = inputs, index: int = index) -> None:
             for hidden, kwargs in inputs:
-                layer(hidden, **kwargs)
+                layer(hidden, **at_layer(kwargs, index))
 
         prune_layer_linears(by_layer.get(index, []), method, structure, sparsity, run_all)
-        inputs = [(_layer_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+        inputs = [(_layer_out(layer(hidden, **at_layer(kwargs, index))), kwargs)
+                  for hidden, kwargs in inputs]
 
 
 @torch.no_grad()

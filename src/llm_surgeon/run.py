@@ -343,8 +343,7 @@ def run_shot(
             if units is not None:
                 g, p = share[t.name]
                 costs[t.name] = Costs(
-                    units=method.unit_costs(weights[t.name], curv[t.name], p.axis, p.width,
-                                            g.count)
+                    units=p.unit_costs(method, weights[t.name], curv[t.name], g.count)
                 )
             else:
                 costs[t.name] = method.costs(weights[t.name], curv[t.name], structure)

@@ -54,6 +54,7 @@ from llm_surgeon.data.corpora import load_text
 from llm_surgeon.errors import UserError
 from llm_surgeon.evaluate.perplexity import perplexity_from_nll, token_nll
 from llm_surgeon.layerwise import (
+    at_layer,
     capture_layer_inputs,
     prune_layer_linears,
     rank_units,
@@ -133,7 +134,7 @@ def forward_sweep(store: LayerStore, kwargs: list[Batch], hs: HiddenStates, keep
                     for b, kw in enumerate(kwargs):
                         if col is not None:
                             col.new_batch()
-                        out = layer(hs.load("h", ell, b), **kw)
+                        out = layer(hs.load("h", ell, b), **at_layer(kw, ell))
                         tuple_out = isinstance(out, tuple)
                         hs.save("h", ell + 1, b, _layer_out(out))
                         if not keep_inputs:
@@ -216,7 +217,7 @@ def streamed_kfac(model: nn.Module, store: LayerStore, targets: list[TargetLinea
                 for b, kw in enumerate(kwargs):
                     col.new_batch()
                     x = hs.load("h", ell, b).requires_grad_(True)
-                    out = _layer_out(layer(x, **kw))
+                    out = _layer_out(layer(x, **at_layer(kw, ell)))
                     out.backward(hs.load("g", ell + 1, b))
                     hs.drop("g", ell + 1, b)
                     hs.drop("h", ell, b)
@@ -314,8 +315,8 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
                     prepare_curvature(method, curv[t.name], t, cfg)
                     if units is not None:
                         g, p = share[t.name]
-                        small[t.name] = Costs(units=method.unit_costs(
-                            W, curv[t.name], p.axis, p.width, g.count))
+                        small[t.name] = Costs(units=p.unit_costs(
+                            method, W, curv[t.name], g.count))
                         curv[t.name] = Curvature()
                         continue
                     c = method.costs(W, curv[t.name], structure)
@@ -406,11 +407,12 @@ def streamed_layerwise(model: nn.Module, store: LayerStore, targets: list[Target
 
                 def run_all(layer: nn.Module = layer, ell: int = ell) -> None:
                     for b, kw in enumerate(kwargs):
-                        layer(hs.load("h", ell, b), **kw)
+                        layer(hs.load("h", ell, b), **at_layer(kw, ell))
 
                 prune_layer_linears(mine, method, structure, sparsity, run_all)
                 for b, kw in enumerate(kwargs):
-                    hs.save("h", ell + 1, b, _layer_out(layer(hs.load("h", ell, b), **kw)))
+                    out = layer(hs.load("h", ell, b), **at_layer(kw, ell))
+                    hs.save("h", ell + 1, b, _layer_out(out))
                     hs.drop("h", ell, b)
                 for t in mine:
                     counts[t.name] = layer_sparsity(t)

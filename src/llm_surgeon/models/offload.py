@@ -184,7 +184,7 @@ def load_offloaded(folder: Path, workdir: Path, dtype: torch.dtype,
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llm_surgeon.models.shrink import SIZES_KEY
+    from llm_surgeon.models.shrink import SIZES_KEY, _checkpoint_names_to_model
 
     config = AutoConfig.from_pretrained(str(folder))
     if getattr(config, SIZES_KEY, None):
@@ -218,6 +218,7 @@ def load_offloaded(folder: Path, workdir: Path, dtype: torch.dtype,
         return out
 
     resident = {k: v.to(device) for k, v in read(rest).items()}
+    resident = _checkpoint_names_to_model(model, resident)  # e.g. GPT-NeoX embed_out → lm_head
     _, unexpected = model.load_state_dict(resident, strict=False, assign=True)
     if unexpected:
         raise UserError(f"{folder}: unexpected tensors {unexpected[:3]}")
