@@ -32,10 +32,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from llm_surgeon.config import PruneConfig
 from llm_surgeon.data.corpora import load_text
 from llm_surgeon.data.windows import calibration_windows, tokenize
+from llm_surgeon.driver import prune
 from llm_surgeon.evaluate.runner import evaluate_loaded
 from llm_surgeon.models.layouts import count_parameters
 from llm_surgeon.models.load import cache_dir, load_model
-from llm_surgeon.run import prune
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "llmcompressor"

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from llm_surgeon.config import PruneConfig
+from llm_surgeon.driver import prune, strip_private
 from llm_surgeon.evaluate.runner import size_and_params, speed_report
-from llm_surgeon.run import prune, strip_private
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "out" / "bench-shrink"

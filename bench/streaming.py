@@ -59,7 +59,7 @@ def build(folder: Path, layers: int, hidden: int, mlp: int, seed: int = 0) -> in
 
 
 RUNTIME = """
-import resource, torch, transformers, llm_surgeon.run, llm_surgeon.streaming
+import resource, torch, transformers, llm_surgeon.driver
 from transformers import LlamaForCausalLM
 imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 # warm the math libraries as any run does (BLAS buffers per thread, LAPACK work space)
@@ -162,8 +162,8 @@ def main() -> None:
         "budget": args.budget, "budget_mb": budget / 2**20,
         "weights_over_budget": weights_bytes / budget,
         "imports_rss_mb": imports, "runtime_rss_mb": base,
-        "streamed": {k: streamed[k] for k in ("peak_rss_mb", "wall_s", "ppl", "ppl_dense",
-                                              "sparsity_achieved", "streamed")},
+        "streamed": {k: streamed.get(k) for k in ("peak_rss_mb", "wall_s", "ppl", "ppl_dense",
+                                              "sparsity_achieved", "store")},
         "in_memory": {k: in_memory[k] for k in ("peak_rss_mb", "wall_s", "ppl", "ppl_dense",
                                                 "sparsity_achieved")},
         "max_abs_weight_diff": diff,

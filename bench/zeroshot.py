@@ -14,6 +14,7 @@ import copy
 import json
 from pathlib import Path
 
+from llm_surgeon.driver import augmented_weight, write_augmented
 from llm_surgeon.evaluate.offline_tasks import OFFLINE_TASKS
 from llm_surgeon.evaluate.zeroshot import zero_shot
 from llm_surgeon.methods.base import Removal, Structure
@@ -21,7 +22,6 @@ from llm_surgeon.methods.obd import MAGNITUDE
 from llm_surgeon.methods.threshold import global_masks, target_count
 from llm_surgeon.models.layouts import decoder_linears
 from llm_surgeon.models.load import load_model
-from llm_surgeon.run import augmented_weight, write_augmented
 
 OUT = Path(__file__).resolve().parent / "zeroshot"
 LEVELS = (0.0, 0.3, 0.5, 0.7)

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from llm_surgeon.curvature.kfac import collect_kfac
+from llm_surgeon.driver import prune
 from llm_surgeon.models.layouts import decoder_linears
 from llm_surgeon.models.load import load_model
-from llm_surgeon.run import prune
 from tests.test_prune import _cfg
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
@@ -87,3 +87,35 @@ def test_gloo_prune_equals_one_process(tiny_model_dirs, sample_text_file, tmp_pa
     assert report["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
     assert report["ppl_dense"] == pytest.approx(ref["ppl_dense"], rel=1e-5)
     assert report["sparsity_achieved"] == pytest.approx(ref["sparsity_achieved"], abs=1e-6)
+
+
+@pytest.mark.parametrize("method,structure", [("surgeon", "rows-columns"),
+                                              ("sparsegpt", "unstructured")])
+def test_gloo_streamed_prune_equals_one_process(tiny_model_dirs, sample_text_file, tmp_path,
+                                                method, structure):
+    """torchrun with --max-memory: each rank streams its own copy of the layers over its share
+    of the windows; factors and Grams are all-reduced per layer, rank 0 writes. The same pruned
+    weights and perplexity as one process."""
+    common = dict(method=method, structure=structure, sparsity=0.3, shots=2, eval_windows=3,
+                  max_memory="64MB", offload_dir=str(tmp_path / "off-single"))
+    ref = prune(_cfg(tiny_model_dirs["llama"], sample_text_file,
+                     output=str(tmp_path / "single"), **common), progress=False)
+    args = ["-m", "llm_surgeon", "-q", "prune", "--model", str(tiny_model_dirs["llama"]),
+            "--calib-data", str(sample_text_file), "--eval-data", str(sample_text_file),
+            "--calib-samples", "4", "--seqlen", "32", "--eval-windows", "3",
+            "--method", method, "--structure", structure, "--sparsity", "0.3",
+            "--shots", "2", "--max-memory", "64MB", "--offload-dir", str(tmp_path / "off"),
+            "--output", str(tmp_path / "dist")]
+    _torchrun(args, tmp_path)
+    a, _ = load_model(str(tmp_path / "dist"), with_tokenizer=False)
+    b = ref["_model"] or load_model(str(tmp_path / "single"), with_tokenizer=False)[0]
+    wa, wb = a.state_dict(), b.state_dict()
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=k)
+    report = json.loads((tmp_path / "dist" / "report.json").read_text())
+    assert report["store"]["kind"] == "disk"
+    assert report["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
+    assert report["sparsity_achieved"] == pytest.approx(ref["sparsity_achieved"], abs=1e-6)
+    assert report["sparsity_achieved"] > 0.2
+    assert not any((tmp_path / "off").iterdir())  # neither rank left its layers behind

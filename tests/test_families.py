@@ -10,15 +10,15 @@ import json
 import pytest
 import torch
 
-import llm_surgeon.run as run_module
+import llm_surgeon.driver as driver_module
 from llm_surgeon import load
 from llm_surgeon.config import PruneConfig
+from llm_surgeon.driver import augmented_weight, prune
 from llm_surgeon.errors import UserError
 from llm_surgeon.models.layouts import count_parameters, decoder_linears, layout_for
 from llm_surgeon.models.load import save_atomically
 from llm_surgeon.models.shrink import SIZES_KEY, config_can_say, layer_sizes, shrink_model
 from llm_surgeon.models.units import unit_groups
-from llm_surgeon.run import augmented_weight, prune
 from tests.model_zoo import ZOO, zoo_model
 
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -88,16 +88,16 @@ def test_family_end_to_end(family, zoo_dirs, sample_text_file, tmp_path, monkeyp
     # surgeon, heads-channels: the shrink inside the run changes no logit
     seen = {}
     removed = {}
-    real_shrink = run_module.shrink_model
+    real_shrink = driver_module.shrink
 
-    def checked_shrink(model):
-        seen["masked"] = _logits(model)
-        seen["params_before"] = count_parameters(model)["params_decoder_linear"]
-        summary = real_shrink(model)
-        seen["shrunk"] = _logits(model)
+    def checked_shrink(run):
+        seen["masked"] = _logits(run.model)
+        seen["params_before"] = count_parameters(run.model)["params_decoder_linear"]
+        summary = real_shrink(run)
+        seen["shrunk"] = _logits(run.model)
         return summary
 
-    monkeypatch.setattr(run_module, "shrink_model", checked_shrink)
+    monkeypatch.setattr(driver_module, "shrink", checked_shrink)
     # the surgeon, and Numerical (which removes whole KV groups in these tiny models, so that
     # the fused slices and head norms are shrunk inside a real run too)
     for method in ("surgeon", "numerical"):
@@ -251,7 +251,8 @@ def test_layerwise_feeds_each_layer_its_own_attention_type():
     """Gemma 2 alternates sliding-window and global layers, which the model hands different
     masks: the layer-wise driver gives every layer its own (layer 2's inputs come out of the
     global layer 1), so each H equals XᵀX of that linear's inputs in the final pruned model."""
-    from llm_surgeon.layerwise import at_layer, capture_layer_inputs, run_layerwise
+    from llm_surgeon.driver import run_layerwise
+    from llm_surgeon.layerwise import at_layer, capture_layer_inputs
     from llm_surgeon.methods.base import Structure
     from tests.test_layerwise import Recorder
 
@@ -297,7 +298,7 @@ def test_streamed_equals_in_memory(family, method, structure, zoo_dirs, sample_t
     ref = prune(_cfg(zoo_dirs(family), sample_text_file, **kw), progress=False)
     rep = prune(_cfg(zoo_dirs(family), sample_text_file, max_memory="64MB",
                      offload_dir=str(tmp_path / "off"), **kw), progress=False)
-    assert rep["streamed"]["decoder_layers"] == 2
+    assert rep["store"]["decoder_layers"] == 2
     assert rep["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
     assert rep["sparsity_achieved"] == pytest.approx(ref["sparsity_achieved"], abs=1e-9)
     if structure == "heads-channels":

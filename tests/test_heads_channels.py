@@ -11,6 +11,7 @@ import torch
 
 from llm_surgeon import load
 from llm_surgeon.config import PruneConfig
+from llm_surgeon.driver import prune
 from llm_surgeon.methods import obd
 from llm_surgeon.methods.base import Curvature
 from llm_surgeon.methods.surgeon import (
@@ -22,7 +23,6 @@ from llm_surgeon.methods.surgeon import (
 )
 from llm_surgeon.methods.threshold import select_units
 from llm_surgeon.models.layouts import count_parameters
-from llm_surgeon.run import prune
 from tests.conftest import tiny_model
 
 

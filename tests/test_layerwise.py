@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_surgeon.layerwise import run_layerwise
+from llm_surgeon.driver import prune, run_layerwise
 from llm_surgeon.methods.base import Structure
 from llm_surgeon.methods.sparsegpt import SparseGPTMethod
 from llm_surgeon.methods.surgeon import check_nm
 from llm_surgeon.methods.wanda import WandaMethod
 from llm_surgeon.models.layouts import decoder_linears
-from llm_surgeon.run import prune
 from tests.conftest import tiny_model
 from tests.test_prune import _cfg
 
@@ -117,7 +116,7 @@ def test_numerical_units_compensate_and_shrink():
     """Numerical pruning removes whole units chosen by one ranking over all layers, and its
     compensation makes each output projection reproduce its dense output better than zeroing
     the same channels does (on the calibration inputs it was fitted to)."""
-    from llm_surgeon.layerwise import run_unit_scoring
+    from llm_surgeon.driver import run_unit_scoring
     from llm_surgeon.methods.numerical import NumericalMethod
     from llm_surgeon.models.shrink import shrink_model
     from llm_surgeon.models.units import unit_groups

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from llm_surgeon.cli import main
 from llm_surgeon.config import PruneConfig
+from llm_surgeon.driver import augmented_weight, prune
 from llm_surgeon.methods.surgeon import assert_nm
 from llm_surgeon.models.layouts import decoder_linears
-from llm_surgeon.run import augmented_weight, prune
 
 
 def _cfg(model_dir, text, **kw) -> PruneConfig:
@@ -208,8 +208,8 @@ def test_lowrank_correction_and_per_shot_perplexity(trained_tiny_dir, sample_tex
 def test_process_peak_survives_phase_resets():
     """Each phase resets the kernel's high-water mark; the run's peak must still see memory
     used before a phase began (e.g. tokenizing the calibration text)."""
+    from llm_surgeon.driver import PhaseTimer
     from llm_surgeon.evaluate.size import peak_rss_mb
-    from llm_surgeon.run import PhaseTimer
 
     timer = PhaseTimer()
     base = peak_rss_mb()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llm_surgeon.cli import main
-from llm_surgeon.run import prune
+from llm_surgeon.driver import prune
 from tests.test_prune import _cfg
 
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from llm_surgeon.checkpoint import has_checkpoint
+from llm_surgeon.driver import prune, resume
 from llm_surgeon.errors import UserError
 from llm_surgeon.models.layouts import decoder_linears
-from llm_surgeon.run import prune, resume
+from tests import kill_run
 from tests.test_prune import _cfg
 
 
@@ -31,14 +30,10 @@ def test_sigkill_mid_shot_then_resume_matches_uninterrupted(
     ref = prune(_cfg(tiny_model_dirs["llama"], sample_text_file, output=str(tmp_path / "ref"),
                      **kw), progress=False)
     out = tmp_path / "killed"
-    args = ["-q", "prune"]
-    cmd = [sys.executable, "-m", "llm_surgeon", *args, "--model", str(tiny_model_dirs["llama"]),
-           "--calib-data", str(sample_text_file), "--eval-data", str(sample_text_file),
-           "--calib-samples", "4", "--seqlen", "32", "--method", "surgeon", "--structure",
-           structure, "--sparsity", "0.4", "--shots", "3", "--no-eval", "--fisher", "sampled",
-           "--output", str(out)]
-    env = {**os.environ, "LLM_SURGEON_KILL_AT": kill_at, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    point = kill_at.split(":")
+    cmd, env, cwd = kill_run.command(_cfg(tiny_model_dirs["llama"], sample_text_file,
+                                          output=str(out), **kw), int(point[0]), point[1])
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert has_checkpoint(out)
     assert not (out / "report.json").exists() and not list(out.glob("*.safetensors"))

@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from llm_surgeon.config import PruneConfig
+from llm_surgeon.driver import prune, strip_private
 from llm_surgeon.errors import UserError
-from llm_surgeon.run import prune, strip_private
 
 CSV_COLUMNS = (
     "id",

@@ -480,10 +480,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from llm_surgeon.config import PruneConfig
-    from llm_surgeon.run import prune, strip_private
+    from llm_surgeon.driver import prune, strip_private
 
     if args.resume:
-        from llm_surgeon.run import resume
+        from llm_surgeon.driver import resume
 
         report = strip_private(resume(args.resume, progress=not args.quiet))
         args.output = args.resume

@@ -1,4 +1,6 @@
-"""The drivers of the methods that work from layer inputs alone (no gradients).
+"""The pieces of the passes of the methods that work from layer inputs alone (no gradients);
+the passes themselves are in :mod:`llm_surgeon.driver` (``layerwise_pass``,
+``unit_scoring_pass``), over whatever layer store the run has.
 
 **Layer-wise** (SparseGPT, Wanda, mAIHT): one decoder layer at a time, each on the outputs of the
 already-pruned layers before it (as their papers do).
@@ -13,10 +15,11 @@ already-pruned layers before it (as their papers do).
 Only the hidden states at one layer boundary are kept (``windows × seqlen × hidden`` floats);
 no backward pass is needed. Methods plug in through :class:`LayerwiseMethod`.
 
-**Coupled units scored from activations** (Numerical pruning, :func:`run_unit_scoring`): one
+**Coupled units scored from activations** (Numerical pruning): one
 forward pass collects H = XᵀX of every output projection (o, down); the method scores every
 unit (KV head group, MLP channel) of every layer, one ranking over all layers picks the units to
-remove, and each output projection is compensated in closed form for its removed inputs.
+remove, and each output projection is compensated in closed form for its removed inputs
+(:func:`rank_units`, :func:`remove_scored_units`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from llm_surgeon import distributed
 from llm_surgeon.methods import threshold
 from llm_surgeon.methods.base import Structure
 from llm_surgeon.models.layouts import TargetLinear, decoder_layers
-from llm_surgeon.models.units import unit_groups
 
 
 class LayerwiseMethod(Protocol):
@@ -79,7 +81,6 @@ def capture_layer_inputs(
     stand-in that records its arguments and passes the hidden states through."""
     layers = decoder_layers(model)
     device = next(model.parameters()).device
-    windows = distributed.shard(windows)  # torchrun: this rank's share; Grams are all-reduced
     captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
     seen: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
@@ -119,39 +120,6 @@ def capture_layer_inputs(
     return captured
 
 
-def _layer_out(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def run_layerwise(
-    model: Any,
-    targets: list[TargetLinear],
-    method: LayerwiseMethod,
-    structure: Structure,
-    sparsity: float,
-    windows: torch.Tensor,
-    batch_size: int = 1,
-    progress: bool = True,
-) -> None:
-    """Prune every targeted linear of ``model`` in place, layer by layer."""
-    inputs = capture_layer_inputs(model, windows, batch_size, progress)
-    layers = decoder_layers(model)
-    by_layer: dict[int, list[TargetLinear]] = {}
-    for t in targets:
-        by_layer.setdefault(t.layer_index, []).append(t)
-    for index in tqdm(range(len(layers)), desc=f"{method.name}: layers", disable=not progress):
-        layer = layers[index]
-
-        def run_all(layer: Any = layer, inputs: list = inputs, index: int = index) -> None:
-            for hidden, kwargs in inputs:
-                layer(hidden, **at_layer(kwargs, index))
-
-        prune_layer_linears(by_layer.get(index, []), method, structure, sparsity, run_all)
-        inputs = [(_layer_out(layer(hidden, **at_layer(kwargs, index))), kwargs)
-                  for hidden, kwargs in inputs]
-
-
 @torch.no_grad()
 def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod, structure: Structure,
                         sparsity: float, run_all: Any) -> None:
@@ -181,39 +149,6 @@ def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod, struc
         H = distributed.all_reduce_sum_(grams.pop(id(t.module)))  # torchrun: all ranks' sum
         new = method.prune_linear(W.float(), H.float(), structure, sparsity)
         t.module.weight.copy_(new.to(W.dtype))
-
-
-@torch.no_grad()
-def run_unit_scoring(
-    model: Any,
-    targets: list[TargetLinear],
-    method: Any,
-    sparsity: float,
-    windows: torch.Tensor,
-    batch_size: int = 1,
-    progress: bool = True,
-) -> None:
-    """Remove coupled units chosen by one global ranking of ``method.unit_scores`` (lowest
-    first) until ``sparsity`` of the decoder-linear parameters is gone; compensate every output
-    projection with ``method.compensate``; zero every removed unit's other rows."""
-    from llm_surgeon.curvature.kfac import collect_activations
-
-    groups = unit_groups(model, targets)
-    outs = [next(p for p in g.parts if p.axis == "cols") for g in groups]
-    A = collect_activations(model, [p.target for p in outs], windows, batch_size,
-                            progress=progress, desc=f"{method.name}: XᵀX")
-    H = {}
-    for p in outs:
-        d = p.target.module.in_features
-        H[p.target.name] = A[p.target.name][:d, :d]  # drop the bias (constant-1) input
-    scores = [
-        method.unit_scores(p.target.module.weight.detach(), H[p.target.name], p.width, g.count,
-                           1.0 - sparsity)
-        for g, p in zip(groups, outs, strict=True)
-    ]
-    masks = rank_units(scores, groups, targets, sparsity)
-    for g, p, mask in zip(groups, outs, masks, strict=True):
-        remove_scored_units(method, g, p, mask, H[p.target.name])
 
 
 def rank_units(scores: list[torch.Tensor], groups: list[Any], targets: list[TargetLinear],

@@ -21,7 +21,7 @@ Plumbing notes (the math lives in :mod:`llm_surgeon.methods.surgeon`):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -417,3 +417,88 @@ def _nkp_pass(
         for h in handles:
             h.remove()
     return g_acc, a_acc, sigma
+
+
+def nearest_kronecker_layer(
+    layer: nn.Module,
+    targets: list[TargetLinear],
+    init: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    iters: int,
+    n_windows: int,
+    recompute: Callable[[], Iterable[Any]],
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`nearest_kronecker` for the linears of one decoder layer, from that layer alone.
+
+    The same power iterations (G ← (1/N) Σ_n D_n A D_nᵀ, A ← (1/N) Σ_n D_nᵀ G D_n, scale
+    σ = (1/N) Σ_n tr(D_nᵀ G D_n A)) over the per-window weight gradients D_n = Σ_t g_t ā_tᵀ,
+    where ``recompute()`` runs the layer forward and backward over every batch of windows from
+    its stored input and output gradient (hooks here see ā and g). Under torchrun the sums are
+    all-reduced and N (``n_windows``) counts every rank's windows. ``init``: name → (A, G) of
+    K-FAC. The labels are those of the K-FAC pass in every iteration.
+    """
+    if iters < 1:
+        return init
+
+    def unit(M: torch.Tensor) -> torch.Tensor:
+        return M / torch.linalg.matrix_norm(M).clamp_min(1e-30)
+
+    names = [t.name for t in targets]
+    A_dir = {k: unit(init[k][0]) for k in names}
+    G_dir = {k: unit(init[k][1]) for k in names}
+    scale: dict[str, float] = {}
+    n_batch = [1]
+
+    def windows_of(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        n_batch[0] = h.shape[0]
+
+    for _ in range(iters):
+        g_acc = {k: torch.zeros_like(v) for k, v in G_dir.items()}
+        a_acc = {k: torch.zeros_like(v) for k, v in A_dir.items()}
+        sigma = {k: torch.zeros((), dtype=torch.float64) for k in names}
+        inputs: dict[str, torch.Tensor] = {}
+
+        def make_hook(t: TargetLinear, g_acc=g_acc, a_acc=a_acc, sigma=sigma, inputs=inputs,
+                      A_dir=A_dir, G_dir=G_dir):
+            def grad(g: torch.Tensor) -> None:
+                a = inputs.pop(t.name)
+                B = n_batch[0]
+                g2 = g.detach().to(dtype).reshape(B, -1, g.shape[-1])
+                D = g2.transpose(1, 2) @ a.reshape(B, -1, a.shape[-1])  # (B, out, in)
+                DA = D @ A_dir[t.name]
+                GD = G_dir[t.name] @ D
+                g_acc[t.name] += (DA @ D.transpose(1, 2)).sum(0)
+                a_acc[t.name] += (D.transpose(1, 2) @ GD).sum(0)
+                sigma[t.name] += (GD * DA).sum().double()
+
+            def fwd(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+                a = args[0].detach().to(dtype)
+                if t.has_bias:
+                    a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+                inputs[t.name] = a
+                if out.requires_grad:
+                    out.register_hook(grad)
+
+            return fwd
+
+        handles = [t.module.register_forward_hook(make_hook(t)) for t in targets]
+        handles.append(layer.register_forward_pre_hook(windows_of, with_kwargs=True))
+        try:
+            for _step in recompute():
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+        for k in names:
+            distributed.all_reduce_sum_(g_acc[k])
+            distributed.all_reduce_sum_(a_acc[k])
+            distributed.all_reduce_sum_(sigma[k])
+            scale[k] = float(sigma[k]) / n_windows
+        G_dir = {k: unit(v) for k, v in g_acc.items()}
+        A_dir = {k: unit(v) for k, v in a_acc.items()}
+    out = {}
+    for k in names:
+        a_norm = float(torch.linalg.matrix_norm(init[k][0]))
+        out[k] = (A_dir[k] * a_norm, G_dir[k] * (scale[k] / a_norm))
+    return out

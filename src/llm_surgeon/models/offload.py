@@ -172,8 +172,8 @@ def resident_bytes(model: nn.Module) -> int:
     return n
 
 
-def load_offloaded(folder: Path, workdir: Path, dtype: torch.dtype,
-                   device: str = "cpu") -> tuple[nn.Module, LayerStore]:
+def load_offloaded(folder: Path, workdir: Path, dtype: torch.dtype, device: str = "cpu",
+                   store_cls: type[LayerStore] | None = None) -> tuple[nn.Module, Any]:
     """Build the model of ``folder`` with its decoder layers on disk under ``workdir``; the
     resident part (and each layer while it is loaded) on ``device``.
 
@@ -194,7 +194,7 @@ def load_offloaded(folder: Path, workdir: Path, dtype: torch.dtype,
         )
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    store = LayerStore(model, workdir, device)
+    store = (store_cls or LayerStore)(model, workdir, device)
     store.dtype = dtype
     files = _checkpoint_files(folder)
     by_layer: dict[int, list[str]] = {}
