@@ -456,7 +456,8 @@ def nearest_kronecker_layer(
     for _ in range(iters):
         g_acc = {k: torch.zeros_like(v) for k, v in G_dir.items()}
         a_acc = {k: torch.zeros_like(v) for k, v in A_dir.items()}
-        sigma = {k: torch.zeros((), dtype=torch.float64) for k in names}
+        sigma = {k: torch.zeros((), dtype=torch.float64, device=init[k][0].device)
+                 for k in names}
         inputs: dict[str, torch.Tensor] = {}
 
         def make_hook(t: TargetLinear, g_acc=g_acc, a_acc=a_acc, sigma=sigma, inputs=inputs,
