@@ -78,18 +78,18 @@ def table(results: dict) -> str:
     lines = ["| job | driver | perplexity | wall s | prune s | peak RSS MiB |",
              "|---|---|---:|---:|---:|---:|"]
     for name in results["jobs"]:
-        for drv in ("old", "new"):
+        o = results["runs"].get(f"old-{name}")
+        for drv in results["drivers"]:
             r = results["runs"].get(f"{drv}-{name}")
             if r is None:
                 continue
             lines.append(f"| {name} | {drv} | {r['ppl']:.2f} | {r['wall_s']:.0f} | "
                          f"{r['prune_time_s']:.0f} | {r['peak_rss_mb']:.0f} |")
-        o, n = results["runs"].get(f"old-{name}"), results["runs"].get(f"new-{name}")
-        if o and n:
-            lines.append(f"| {name} | new / old | {n['ppl'] / o['ppl']:.3f} | "
-                         f"{n['wall_s'] / o['wall_s']:.2f} | "
-                         f"{n['prune_time_s'] / o['prune_time_s']:.2f} | "
-                         f"{n['peak_rss_mb'] / o['peak_rss_mb']:.2f} |")
+            if o and drv != "old":
+                lines.append(f"| {name} | {drv} / old | {r['ppl'] / o['ppl']:.3f} | "
+                             f"{r['wall_s'] / o['wall_s']:.2f} | "
+                             f"{r['prune_time_s'] / o['prune_time_s']:.2f} | "
+                             f"{r['peak_rss_mb'] / o['peak_rss_mb']:.2f} |")
     return "\n".join(lines)
 
 
@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--old", default="129a08a", help="commit of the old drivers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="drop finished runs first")
+    ap.add_argument("--with-hooks", action="store_true",
+                    help="also the new driver with --curvature-pass hooks (new-hooks)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny random model, 2 windows of 32 tokens; results under out/")
     args = ap.parse_args()
@@ -120,25 +122,29 @@ def main() -> None:
                   "32", "--eval-windows", "2"]
     old_src = worktree(args.old, work / f"old-{args.old}") / "src"
     new_src = ROOT / "src"
+    drivers = [("old", old_src, []), ("new", new_src, [])]
+    if args.with_hooks:
+        drivers.append(("new-hooks", new_src, ["--curvature-pass", "hooks"]))
     results: dict = {"jobs": [f"{s}-{p}" for s, p in JOBS], "common": common,
-                     "old_commit": args.old, "runs": {}}
+                     "old_commit": args.old, "drivers": [d for d, _, _ in drivers], "runs": {}}
     for structure, sparsity in JOBS:
         name = f"{structure}-{sparsity}"
-        for drv, src in (("old", old_src), ("new", new_src)):
+        for drv, src, extra in drivers:
             path = runs_dir / f"{drv}-{name}.json"
             if path.is_file():
                 results["runs"][f"{drv}-{name}"] = json.loads(path.read_text())
                 continue
             print(f"{drv} driver: {name}", flush=True)
             r = run_one(src, work / f"{drv}-{name}",
-                        [*common, "--structure", structure, "--sparsity", sparsity],
+                        [*common, "--structure", structure, "--sparsity", sparsity, *extra],
                         args.threads)
             path.write_text(json.dumps(r, indent=2) + "\n")
             results["runs"][f"{drv}-{name}"] = r
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     md = ["# The old drivers against the one driver (in memory, no `--max-memory`)", "",
           f"`prune {' '.join(common)}` at each structure; old = commit `{args.old}` "
-          "(run.py + streaming.py), new = this checkout (driver.py over a layer store). Each run "
+          "(run.py + streaming.py), new = this checkout (driver.py over a layer store; new-hooks: "
+          "with `--curvature-pass hooks`). Each run "
           f"a fresh process, {args.threads} threads, one at a time, old then new; peak RSS = "
           "the process's ru_maxrss.", "", table(results), "",
           "Regenerate: `.venv/bin/python bench/driver_memory.py` (`--fresh` to rerun).", ""]

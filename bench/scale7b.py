@@ -250,7 +250,15 @@ def main() -> None:
         for name, r in s["phases"].items():
             md.append(f"| {name} | {r['per_layer_s']:.1f} | {r['fixed_s']:.1f} | "
                       f"{r['projected_32_s']:.0f} | {r['gpu_32_s']:.1f} |")
+        here = {k: r["projected_32_s"] / max(s["total_32_s"], 1e-9) for k, r in
+                s["phases"].items()}
+        gpu = {k: r["gpu_32_s"] / max(s["gpu_total_32_s"], 1e-9) for k, r in s["phases"].items()}
         md += [f"| **total** | | | {s['total_32_s']:.0f} | {s['gpu_total_32_s']:.1f} |", "",
+               "Share of the 32-layer time: here " + ", ".join(
+                   f"{k} {v:.0%}" for k, v in sorted(here.items(), key=lambda x: -x[1]))
+               + "; one GPU " + ", ".join(
+                   f"{k} {v:.0%}" for k, v in sorted(gpu.items(), key=lambda x: -x[1])) + ".",
+               "",
                f"Peak RSS: {s['peak_rss_mb_1l']:.0f} MiB (1 layer), {s['peak_rss_mb_2l']:.0f} "
                "MiB (2 layers)" + (f"; CUDA peak {s['cuda_peak_mb_2l']:.0f} MiB"
                                     if s["cuda_peak_mb_2l"] else "") + ".", ""]

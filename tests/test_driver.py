@@ -140,3 +140,36 @@ def test_package_has_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+@pytest.mark.parametrize("structure,fisher", [("unstructured", "empirical"),
+                                              ("rows-columns", "sampled"),
+                                              ("heads-channels", "empirical")])
+def test_hooks_and_sweep_curvature_prune_alike(tiny_model_dirs, sample_text_file, structure,
+                                               fisher):
+    """The two curvature strategies write the same per-layer factors: the same pruned
+    weights (the sweep holds one layer's factors at a time, the hooks all of them)."""
+    import torch
+
+    from llm_surgeon.models.layouts import decoder_linears
+
+    kw = dict(method="surgeon", structure=structure, sparsity=0.4, shots=2, eval=False,
+              fisher=fisher)
+    watch = LiveFactors()
+    hooks = prune(_cfg(tiny_model_dirs["opt"], sample_text_file, curvature_pass="hooks", **kw),
+                  progress=False, on_event=watch)
+    sweep = prune(_cfg(tiny_model_dirs["opt"], sample_text_file, **kw), progress=False)
+    assert watch.layers_seen == {0, 1}
+    a = {t.name: t.module.weight for t in decoder_linears(hooks["_model"])}
+    b = {t.name: t.module.weight for t in decoder_linears(sweep["_model"])}
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_hooks_curvature_needs_every_layer_in_memory(tiny_model_dirs, sample_text_file):
+    from llm_surgeon.errors import UserError
+
+    with pytest.raises(UserError, match="--curvature-pass hooks needs every layer"):
+        prune(_cfg(tiny_model_dirs["llama"], sample_text_file, curvature_pass="hooks",
+                   max_memory="1GB"), progress=False)

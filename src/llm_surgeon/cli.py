@@ -329,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every-shot", action="store_true", help="also measure perplexity after every shot"
     )
     pr.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
+    pr.add_argument("--curvature-pass", choices=("sweep", "hooks"), default="sweep",
+                    help="K-FAC statistics by a layer-by-layer sweep (one layer's factors in "
+                         "memory at a time; the default, any store) or by hooks over one "
+                         "whole-model backward per batch (faster: no recomputed forward; "
+                         "holds every layer's factor sums; not with --max-memory)")
     pr.add_argument("--time-plain-pass", action="store_true",
                     help="also time one plain forward+backward pass over the calibration set "
                          "and report the first shot's cost as a ratio of it")
@@ -528,6 +533,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         time_plain_pass=args.time_plain_pass,
         max_memory=args.max_memory,
         offload_dir=args.offload_dir,
+        curvature_pass=args.curvature_pass,
     )
     report = strip_private(prune(cfg, progress=not args.quiet))
     _print_prune(report, args.output)

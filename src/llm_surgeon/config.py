@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from llm_surgeon.errors import UserError
 
 FISHER_KINDS = ("empirical", "sampled")
+CURVATURE_PASSES = ("sweep", "hooks")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class PruneConfig:
     time_plain_pass: bool = False
     max_memory: str | None = None  # e.g. "2GB": stream decoder layers from disk under it
     offload_dir: str | None = None  # where streamed layers and hidden states go (a cache)
+    # K-FAC pass: "sweep" (layer by layer, one layer's factors in memory; any store) or "hooks"
+    # (one whole-model backward per batch; every layer resident, every layer's sums at once)
+    curvature_pass: str = "sweep"
 
     def validate(self):
         from llm_surgeon.methods.base import parse_structure
@@ -73,6 +77,11 @@ class PruneConfig:
             raise UserError("mAIHT iterations and --maiht-mu must be non-negative")
         if not 0 < self.maiht_step <= 1:
             raise UserError("--maiht-step must be in (0, 1]")
+        if self.curvature_pass not in CURVATURE_PASSES:
+            raise UserError(f"--curvature-pass must be one of {', '.join(CURVATURE_PASSES)}")
+        if self.curvature_pass == "hooks" and self.max_memory is not None:
+            raise UserError("--curvature-pass hooks needs every layer in memory; drop "
+                            "--max-memory or use --curvature-pass sweep")
         if self.max_memory is not None:
             from llm_surgeon.models.offload import parse_memory
 

@@ -51,7 +51,13 @@ from tqdm.auto import tqdm
 from llm_surgeon import distributed
 from llm_surgeon.checkpoint import has_checkpoint, read_state
 from llm_surgeon.config import PruneConfig
-from llm_surgeon.curvature.kfac import FactorCollector, nearest_kronecker_layer, next_token_loss
+from llm_surgeon.curvature.kfac import (
+    FactorCollector,
+    collect_kfac,
+    nearest_kronecker,
+    nearest_kronecker_layer,
+    next_token_loss,
+)
 from llm_surgeon.data.corpora import load_text
 from llm_surgeon.data.windows import calibration_windows, tokenize
 from llm_surgeon.errors import UserError
@@ -454,6 +460,31 @@ def kfac_sweep(run: Run, windows: torch.Tensor, seed: int, desc: str,
             states.drop("h", ell, b)
 
 
+def kfac_hooks(run: Run, windows: torch.Tensor, seed: int, desc: str) -> None:
+    """The other strategy, for a model wholly in memory (``--curvature-pass hooks``): hooks
+    over one ordinary forward and backward of the whole model per batch (no recomputed
+    forward, but every layer's running sums at once), then the same per-layer factor files as
+    :func:`kfac_sweep`. Nearest-Kronecker iterations: whole-model passes
+    (:func:`~llm_surgeon.curvature.kfac.nearest_kronecker`)."""
+    cfg = run.cfg
+    factors = collect_kfac(run.model, run.targets, windows, fisher=cfg.fisher,
+                           batch_size=cfg.batch_size, seed=seed, progress=run.progress,
+                           desc=desc)
+    if cfg.nearest_kronecker > 0:
+        factors = nearest_kronecker(run.model, run.targets, windows, factors,
+                                    cfg.nearest_kronecker, fisher=cfg.fisher, seed=seed,
+                                    progress=run.progress)
+    work = WorkFiles(run.work / "shot", run.device)
+    for ell, mine in sorted(_by_layer(run.targets).items()):
+        layer = {t.name: (factors[t.name].A, factors[t.name].G) for t in mine}
+        for t in mine:
+            del factors[t.name]
+        run.emit("factors", layer=ell, tensors=[m for f in layer.values() for m in f])
+        check_finite({k: Curvature(A=a, G=g) for k, (a, g) in layer.items()})
+        work.put(f"curv{ell}", layer)
+        del layer
+
+
 def _recompute(layer: nn.Module, ell: int, kwargs: list[Batch], states: States
                ) -> Iterator[None]:
     """Run layer ℓ forward and backward once per batch from its stored input and output
@@ -515,7 +546,9 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
     work = WorkFiles(run.work / "shot", run.device)
     kind = method.curvature
     with timer("curvature"):
-        if kind == "kfac":
+        if kind == "kfac" and cfg.curvature_pass == "hooks":
+            kfac_hooks(run, windows, cfg.seed + shot, f"shot {shot}: curvature G⊗A")
+        elif kind == "kfac":
             kfac_sweep(run, windows, cfg.seed + shot, f"shot {shot}: curvature G⊗A")
         elif kind == "activations":
             activation_sweep(run, targets, windows, f"shot {shot}: activations A")
