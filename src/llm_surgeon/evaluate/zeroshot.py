@@ -29,6 +29,36 @@ def expand_tasks(spec: str) -> list[str]:
     return names
 
 
+def check_tasks(tasks: list[str]) -> None:
+    """Unknown task names are an error before any model is loaded or measured."""
+    unknown = [t for t in tasks if t not in _task_names()]
+    if unknown:
+        raise UserError(f"unknown task(s) for lm-eval: {', '.join(unknown)} (offline: "
+                        f"{', '.join(OFFLINE_TASKS)}; standard: {', '.join(STANDARD_TASKS)})")
+
+
+def _task_names() -> set[str]:
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("zero-shot evaluation needs lm-eval (pip install lm-eval)") from None
+    with tempfile.TemporaryDirectory(prefix="llm-surgeon-tasks-") as tmp:
+        return set(TaskManager(include_path=str(task_dir(tmp))).all_tasks)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """A task whose data could not be fetched (offline machine, hub down)."""
+    seen = exc
+    while seen is not None:
+        name = type(seen).__name__
+        if isinstance(seen, ConnectionError) or any(
+                k in name for k in ("Connection", "Offline", "Timeout", "HTTPError",
+                                    "LocalEntryNotFound", "DatasetNotFound")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def zero_shot(model: Any, tokenizer: Any, tasks: list[str], batch_size: int = 8,
               limit: int | None = None) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` for every task, e.g. ``{"sotu_cloze": {"acc": 0.61, ...}}``."""
@@ -45,8 +75,17 @@ def zero_shot(model: Any, tokenizer: Any, tasks: list[str], batch_size: int = 8,
             raise UserError(f"unknown task(s) for lm-eval: {', '.join(unknown)} (offline: "
                             f"{', '.join(OFFLINE_TASKS)}; standard: {', '.join(STANDARD_TASKS)})")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                      log_samples=False, bootstrap_iters=0)
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
+                                          limit=limit, log_samples=False, bootstrap_iters=0)
+        except Exception as exc:
+            if not _is_network_error(exc):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"--tasks {','.join(tasks)}: the task data could not be fetched "
+                            f"({type(exc).__name__}: {first}); the hub tasks need the network "
+                            "(or a filled Hugging Face cache); --tasks offline runs without"
+                            ) from None
     results: dict[str, dict[str, float]] = {}
     for name, metrics in out["results"].items():
         clean = {}
