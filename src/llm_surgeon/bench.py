@@ -86,6 +86,8 @@ def matrix_from_flags(methods: str, structures: str, sparsities: str, shots: int
         levels = [float(x) for x in sparsities.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--sparsities must be numbers, got {sparsities!r}") from None
+    if not levels:
+        raise UserError("--sparsities needs at least one number, e.g. 0.5 or 0.3,0.5")
     runs = []
     for method in (m.strip() for m in methods.split(",") if m.strip()):
         one_pass = getattr(get_method(method), "kind", "global") != "global"
@@ -112,7 +114,7 @@ def expand_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
             raise UserError(f"unknown bench setting(s): {', '.join(sorted(unknown))}")
         if "method" not in run:
             raise UserError("every bench run needs a 'method'")
-        PruneConfig(**run).check_types()  # before run_id reads the values
+        PruneConfig(**run).validate()  # types and ranges, before run_id reads the values
         runs.append(run)
     ids = [run_id(r) for r in runs]
     if len(set(ids)) != len(ids):

@@ -49,7 +49,7 @@ def check_number(name: str, value: object) -> None:
             raise UserError(f"{flag(name)} must be {'an integer' if kind is int else 'a number'}"
                             f", got {value!r}")
         if not math.isfinite(value) or not lo <= value <= hi:
-            raise UserError(f"{flag(name)} must be in [{lo:g}, {hi:g}], got {value!r}")
+            raise UserError(f"{flag(name)} must be in [{lo}, {hi}], got {value!r}")
     elif name in _OPEN_LOW:
         lo, hi = _OPEN_LOW[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -46,11 +46,13 @@ _renames = 0
 
 def _before_rename() -> None:
     """Tests set ``LLM_SURGEON_KILL_AT_RENAME=K`` to SIGKILL the process just before the K-th
-    rename (or exchange) this module makes: every crash window, one at a time."""
+    rename (or exchange) this module makes: every crash window, one at a time
+    (``LLM_SURGEON_KILL_SIGNAL=TERM`` sends SIGTERM instead)."""
     global _renames
     _renames += 1
     if os.environ.get("LLM_SURGEON_KILL_AT_RENAME") == str(_renames):
-        os.kill(os.getpid(), signal.SIGKILL)
+        sig = os.environ.get("LLM_SURGEON_KILL_SIGNAL", "KILL")
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
 
 
 def rename(src: str | Path, dst: str | Path) -> None:
@@ -350,7 +352,7 @@ def check_replaceable(target: str | Path, what: str) -> None:
     target = Path(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise UserError(f"{what} {target} exists and is not a folder; choose a new folder")
-    if not target.exists() or not any(target.iterdir()):
+    if not target.exists() or all(_stale_leftover(p.name) for p in target.iterdir()):
         return
     foreign = foreign_files(target)
     if foreign is None:
@@ -413,9 +415,8 @@ def ensure_output_folder(folder: str | Path) -> None:
         if read_marker(folder) is None and not any(folder.iterdir()):
             write_marker(folder)
         return
-    folder.mkdir(parents=True)
-    write_marker(folder)
-    fsync_dir(folder.parent)
+    with atomic_folder(folder):  # a kill leaves no unmarked folder behind
+        pass
 
 
 # ---- private work folders (offload) --------------------------------------------------------

@@ -8,6 +8,7 @@ bundled with llm-surgeon (:mod:`llm_surgeon.evaluate.offline_tasks`), which run 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from typing import Any
 
@@ -31,6 +32,9 @@ def expand_tasks(spec: str) -> list[str]:
 
 def check_tasks(tasks: list[str]) -> None:
     """Unknown task names are an error before any model is loaded or measured."""
+    known = set(OFFLINE_TASKS) | set(STANDARD_TASKS)
+    if all(t in known for t in tasks):
+        return
     unknown = [t for t in tasks if t not in _task_names()]
     if unknown:
         raise UserError(f"unknown task(s) for lm-eval: {', '.join(unknown)} (offline: "
@@ -38,12 +42,30 @@ def check_tasks(tasks: list[str]) -> None:
 
 
 def _task_names() -> set[str]:
+    """Every task name the harness knows (indexing them takes seconds: cached on disk per
+    lm-eval version)."""
+    import json
+    from importlib.metadata import version
+
+    from llm_surgeon.io import atomic_write
+    from llm_surgeon.models.load import cache_dir
+
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError("zero-shot evaluation needs lm-eval (pip install lm-eval)") from None
+    cache = cache_dir() / f"lm-eval-tasks-{version('lm-eval')}.json"
+    try:
+        names = json.loads(cache.read_text())
+        if isinstance(names, list):
+            return set(names) | set(OFFLINE_TASKS)
+    except (OSError, ValueError):
+        pass
     with tempfile.TemporaryDirectory(prefix="llm-surgeon-tasks-") as tmp:
-        return set(TaskManager(include_path=str(task_dir(tmp))).all_tasks)
+        names = sorted(set(TaskManager(include_path=str(task_dir(tmp))).all_tasks))
+    with contextlib.suppress(OSError):
+        atomic_write(cache, json.dumps(names) + "\n")
+    return set(names)
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -74,6 +96,10 @@ def zero_shot(model: Any, tokenizer: Any, tasks: list[str], batch_size: int = 8,
         if unknown:
             raise UserError(f"unknown task(s) for lm-eval: {', '.join(unknown)} (offline: "
                             f"{', '.join(OFFLINE_TASKS)}; standard: {', '.join(STANDARD_TASKS)})")
+        import logging
+
+        if logging.getLogger().getEffectiveLevel() > logging.INFO:  # no -v: the harness's
+            logging.getLogger("lm_eval").setLevel(logging.ERROR)  # notes are noise
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
