@@ -77,6 +77,21 @@ def bench_summary(rows: list[dict[str, Any]], run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+_PRUNE_KEYS = ("method", "structure", "sparsity_target", "sparsity_achieved")
+
+
+def _require(entry: Any, path: Path) -> None:
+    """The keys a summary needs, checked before any figure is drawn (nothing is written for a
+    malformed file)."""
+    missing = [k for k in _PRUNE_KEYS if not isinstance(entry, dict) or k not in entry]
+    if missing:
+        raise UserError(f"{path} is incomplete (no {', '.join(missing)}); re-run the command "
+                        "that wrote it")
+    for k in ("sparsity_target", "sparsity_achieved"):
+        if not isinstance(entry[k], (int, float)) or isinstance(entry[k], bool):
+            raise UserError(f"{path} is malformed ({k} is not a number)")
+
+
 def _read_json(path: Path, kind: type) -> Any:
     try:
         data = json.loads(path.read_text())
@@ -95,11 +110,12 @@ def write_summary(run_dir: str | Path) -> Path:
     try:
         if (run_dir / "report.json").is_file():
             report = _read_json(run_dir / "report.json", dict)
+            _require(report, run_dir / "report.json")
             text = prune_summary(report, run_dir)
         elif (run_dir / "results.json").is_file():
             rows = _read_json(run_dir / "results.json", list)
-            if not all(isinstance(r, dict) for r in rows):
-                raise UserError(f"{run_dir / 'results.json'} is not a list of results")
+            for r in rows:
+                _require(r, run_dir / "results.json")
             text = bench_summary(rows, run_dir)
         else:
             raise UserError(
