@@ -360,14 +360,20 @@ def test_sigterm_is_handled_like_ctrl_c(tiny_model_dirs, sample_text_file, tmp_p
     the checkpoint before it (none here: shot 1) or the output intact."""
     out = tmp_path / "out"
     argv = _argv(tiny_model_dirs["llama"], sample_text_file, out)
-    # renames: 1 the output's marker, 2 the checkpoint's marker, 3 the checkpoint's rename
-    for k in (2, 3, 5):
+    # renames: 1-2 the new output folder (marker, rename), 3-4 the first checkpoint, 5-6 the
+    # second (marker, rename), 7-8 the final save
+    for k in (2, 3, 4, 6, 8):
         code = _forked(argv, {"LLM_SURGEON_KILL_AT_RENAME": str(k),
                               "LLM_SURGEON_KILL_SIGNAL": "TERM"})
         assert code == 130, (k, code)
         assert not list(out.glob(".checkpoint.*")), k
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"], k
-        shutil.rmtree(out)
+        assert sorted(p.name for p in tmp_path.iterdir()) == (["cache"] if k <= 2
+                                                              else ["cache", "out"]), k
+        if k > 4:  # the last checkpoint stays and resumes
+            assert main(["-q", "prune", "--resume", str(out)]) == 0
+            assert _report_target(out) == 0.5 and sio.is_ours(out)
+        if out.exists():
+            shutil.rmtree(out)
 
 
 # ---- 6. exclusive temporaries ----------------------------------------------------------------
