@@ -141,16 +141,20 @@ def _assert_complete(out: Path, targets: tuple[float, ...]) -> float:
     return target
 
 
-@pytest.mark.parametrize("scheme", ["exchange", "two-renames"])
-@pytest.mark.parametrize("start", ["existing-output", "new-output"])
+@pytest.mark.parametrize(("start", "scheme", "streamed"), [
+    ("existing-output", "exchange", False), ("existing-output", "two-renames", False),
+    ("new-output", "exchange", False), ("new-output", "two-renames", False),
+    ("existing-output", "two-renames", True), ("new-output", "exchange", True)])
 def test_kill_at_every_rename_leaves_a_reachable_result(tiny_model_dirs, sample_text_file,
                                                         tmp_path, cache, monkeypatch, scheme,
-                                                        start):
+                                                        start, streamed):
     """SIGKILL just before rename k (checkpoint replaces and the final save), for every k: after
     the next start the folder holds the old or the new complete output, ``--resume`` works, and
-    no leftover remains."""
+    no leftover remains (with ``--max-memory``: no stale offload folder either)."""
     if scheme == "two-renames":
         monkeypatch.setenv("LLM_SURGEON_NO_EXCHANGE", "1")
+    offload = tmp_path / "offload"
+    extra = ["--max-memory", "1GB", "--offload-dir", str(offload)] if streamed else []
     model, text = tiny_model_dirs["llama"], sample_text_file
     old = tmp_path / "old"
     assert main(_argv(model, text, old, sparsity="0.3", shots="1")) == 0  # also warms caches
@@ -161,7 +165,7 @@ def test_kill_at_every_rename_leaves_a_reachable_result(tiny_model_dirs, sample_
         case.mkdir()
         if start == "existing-output":
             shutil.copytree(old, out)
-        argv = _argv(model, text, out)
+        argv = _argv(model, text, out, *extra)
         code = _forked(argv, {"LLM_SURGEON_KILL_AT_RENAME": str(k)})
         if code == 0:
             break  # no k-th rename: every window was tried
@@ -179,6 +183,8 @@ def test_kill_at_every_rename_leaves_a_reachable_result(tiny_model_dirs, sample_
         assert _assert_complete(out, (0.5,)) == 0.5
         assert sorted(p.name for p in case.iterdir()) == ["out"], k
         assert not list(out.glob(".checkpoint*")) and not (out / "checkpoint").exists(), k
+        if streamed:
+            assert list(offload.iterdir()) == [], k  # the killed run's copy of the layers
     else:
         pytest.fail("the run never finished")
     assert windows_hit >= 5  # marker, checkpoints (new and replaced), final marker and replace

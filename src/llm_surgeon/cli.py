@@ -642,9 +642,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         matrix_from_flags,
         summary_row,
     )
-    from llm_surgeon.io import check_output_file
+    from llm_surgeon.io import probe_writable
 
-    check_output_file(Path(args.output) / "runs" / "dense.json", "--output")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {args.output} exists and is not a folder")
+    anchor = out
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"--output {args.output}: {anchor} is not a folder")
+    probe_writable(anchor, "--output", out)
     if args.config and args.methods:
         raise UserError("bench takes --config FILE or --methods ..., not both")
     if args.config:
