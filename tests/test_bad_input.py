@@ -203,6 +203,14 @@ def _tampered(ctx, change):
     return ["-q", "prune", "--resume", str(out)]
 
 
+def _streamed_tampered(ctx):
+    out = ctx.tmp / "run"
+    shutil.copytree(ctx.streamed, out)
+    layer = sorted((out / "checkpoint" / "layers").glob("*.safetensors"))[0]
+    layer.write_bytes(layer.read_bytes()[:100])
+    return ["-q", "prune", "--resume", str(out)]
+
+
 def _weights_truncated(state, out):
     w = out / "checkpoint" / "weights.safetensors"
     w.write_bytes(w.read_bytes()[:200])
@@ -280,6 +288,8 @@ MORE_ROWS = [
     ("checkpoint with missing weights",
      lambda c: _tampered(c, lambda s, o: (o / "checkpoint" / "weights.safetensors").unlink()),
      "checkpoint weights missing"),
+    ("streamed checkpoint with a truncated layer file", _streamed_tampered,
+     "is unreadable"),
     ("bench sparsity that is not a number",
      lambda c: _bench(c, "runs:\n  - {method: magnitude, sparsity: abc}\n"),
      "sparsity (--sparsity) must be a number"),
@@ -318,7 +328,12 @@ def finished_output(tmp_path_factory, tiny_model_dirs, sample_text_file):
     subprocess.run([sys.executable, "-m", "llm_surgeon", *_prune(Ctx, output=run)], env=env,
                    capture_output=True)
     assert (run / "checkpoint" / "state.json").is_file()
-    return root / "finished", run
+    streamed = root / "streamed"
+    subprocess.run([sys.executable, "-m", "llm_surgeon", *_prune(Ctx, output=streamed),
+                    "--max-memory", "1GB", "--offload-dir", str(root / "offload")], env=env,
+                   capture_output=True)
+    assert (streamed / "checkpoint" / "layers").is_dir()
+    return root / "finished", run, streamed
 
 
 def _snapshot(root):
@@ -338,7 +353,7 @@ def test_more_rejected_input(capsys, monkeypatch, tiny_model_dirs, sample_text_f
 
     class Ctx:
         model, text, tmp = tiny_model_dirs["llama"], sample_text_file, tmp_path
-        finished, checkpointed = finished_output
+        finished, checkpointed, streamed = finished_output
 
     argv = build(Ctx)
     before = _snapshot(tmp_path)
