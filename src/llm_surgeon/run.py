@@ -436,15 +436,14 @@ def check_output_dir(out_dir: Path | None, resuming: bool) -> None:
     """Refuse an ``--output`` that holds an unfinished run or something else than our output."""
     if resuming or out_dir is None:
         return
-    if has_checkpoint(out_dir):
+    from llm_surgeon.io import check_replaceable
+
+    if has_checkpoint(out_dir):  # (finishes a replace that a kill interrupted, first)
         raise UserError(
             f"--output {out_dir} holds an unfinished run; continue it with "
             f"`llm-surgeon prune --resume {out_dir}` or choose a new folder"
         )
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
-        raise UserError(
-            f"--output {out_dir} exists and is not an llm-surgeon output; choose a new folder"
-        )
+    check_replaceable(out_dir, "--output")
 
 
 def check_nm_widths(targets: list[TargetLinear], structure: Structure) -> None:

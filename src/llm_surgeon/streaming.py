@@ -36,7 +36,6 @@ import contextlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -573,11 +572,11 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | N
     """:func:`llm_surgeon.run.prune` with the decoder layers streamed from disk under the budget
     ``cfg.max_memory``. Same report, same saved model (sharded safetensors), same checkpoints
     after every shot (the layer files, hard-linked) and ``--resume``."""
-    from transformers import AutoTokenizer
 
     from llm_surgeon.checkpoint import restore_layer_files, save_checkpoint
     from llm_surgeon.evaluate.runner import check_seqlen, eval_windows_for
-    from llm_surgeon.models.load import cache_dir, parse_dtype
+    from llm_surgeon.io import work_folder
+    from llm_surgeon.models.load import cache_dir, load_tokenizer, parse_dtype
     from llm_surgeon.run import (
         PhaseTimer,
         _test_kill_point,
@@ -602,13 +601,12 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | N
     eval_text = load_text(cfg.eval_data, "test") if cfg.eval else None
     folder = _model_folder(cfg.model)
     root = Path(cfg.offload_dir) if cfg.offload_dir else cache_dir() / "offload"
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+    work = work_folder(root)  # (removes stale run folders of killed runs first)
     try:
         with timer("load"):
             model, store = load_offloaded(folder, work / "layers", parse_dtype(cfg.dtype),
                                           cfg.device)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer = load_tokenizer(str(folder))
         check_seqlen(model, cfg.seqlen)
         targets = decoder_linears(model)
         need = budget_estimate(model, store, targets)
