@@ -2,6 +2,7 @@
 driver's ``on_event`` callback (production code reads no environment variable for it).
 
     python -m tests.kill_run '<PruneConfig as JSON>' SHOT POINT
+    python -m tests.kill_run SHOT:POINT prune ARGS...       # the CLI, with the kill injected
 
 POINT ``start``: as shot SHOT begins; ``update``: before the update of the middle decoder
 layer of shot SHOT (half the layers updated: mid-shot).
@@ -37,13 +38,31 @@ def command(cfg: PruneConfig, shot: int, point: str) -> tuple[list[str], dict[st
     from dataclasses import asdict
 
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root),
-                                          os.environ.get("PYTHONPATH", "")])}
     return ([sys.executable, "-m", "tests.kill_run", json.dumps(asdict(cfg)), str(shot), point],
-            env, root)
+            env(), root)
+
+
+def env() -> dict[str, str]:
+    """The environment a subprocess needs to run ``-m tests.kill_run``."""
+    root = Path(__file__).resolve().parent.parent
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root),
+                                           os.environ.get("PYTHONPATH", "")])}
 
 
 if __name__ == "__main__":
-    cfg = PruneConfig(**json.loads(sys.argv[1]))
-    prune(cfg, progress=False, on_event=killer(int(sys.argv[2]), sys.argv[3]))
+    if sys.argv[1].startswith("{"):
+        cfg = PruneConfig(**json.loads(sys.argv[1]))
+        prune(cfg, progress=False, on_event=killer(int(sys.argv[2]), sys.argv[3]))
+    else:  # the command line, every prune given the kill (a test-only plugin)
+        import llm_surgeon.driver as driver
+        from llm_surgeon.cli import main
+
+        shot, point = sys.argv[1].split(":")
+        real = driver.prune
+
+        def prune_with_kill(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            return real(*args, **kwargs, on_event=killer(int(shot), point))
+
+        driver.prune = prune_with_kill
+        sys.exit(main(sys.argv[2:]))

@@ -4,6 +4,7 @@ traceback, and nothing written to the output folder."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,4 +107,271 @@ def test_readme_table_lists_every_row():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for row, _, _fragment in ROWS:
+        assert f"| {row} |" in readme, row
+
+
+# ---- issue 13: every input that used to end in a traceback, or to do harm -------------------
+# (row of the README table, how to build the command, fragment of the message); the command
+# builder gets a context and returns argv. Each must also leave every file as it was.
+
+
+def _prune(ctx, *extra, output=None):
+    return ["-q", "prune", "--model", str(ctx.model), "--calib-data", str(ctx.text),
+            "--eval-data", str(ctx.text), "--seqlen", "32", "--calib-samples", "2",
+            "--method", "magnitude", "--shots", "2",
+            "--output", str(output if output is not None else ctx.tmp / "out"), *extra]
+
+
+def _folder_with_user_files(ctx):
+    d = ctx.tmp / "d"
+    (d / "src").mkdir(parents=True)
+    (d / "report.json").write_text("{}")
+    (d / "src" / "main.c").write_text("int main;")
+    return _prune(ctx, output=d)
+
+
+def _ours_plus_foreign(ctx):
+    out = ctx.tmp / "ours"
+    shutil.copytree(ctx.finished, out)
+    (out / "notes.txt").write_text("mine")
+    return _prune(ctx, output=out)
+
+
+def _a_file(ctx):
+    f = ctx.tmp / "afile"
+    f.write_text("keep")
+    return _prune(ctx, output=f)
+
+
+def _offload_file(ctx):
+    f = ctx.tmp / "off"
+    f.write_text("keep")
+    return _prune(ctx, "--max-memory", "1GB", "--offload-dir", str(f))
+
+
+def _unwritable(ctx):
+    import os
+
+    if os.geteuid() != 0:
+        d = ctx.tmp / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return _prune(ctx, output=d / "out")
+    return _prune(ctx, output="/proc/self/out")
+
+
+def _model_copy(ctx, name, change):
+    d = ctx.tmp / name
+    shutil.copytree(ctx.model, d)
+    change(d)
+    return d
+
+
+def _wrong_type(d):
+    import json
+
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["hidden_size"] = "abc"
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _no_tokenizer(d):
+    for f in list(d.iterdir()):
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+
+
+def _bad_json(d):
+    (d / "config.json").write_text("{not json")
+
+
+def _truncate(d):
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+
+
+def _tampered(ctx, change):
+    import json
+
+    out = ctx.tmp / "run"
+    shutil.copytree(ctx.checkpointed, out)
+    path = out / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    change(state, out)
+    if state is not None:
+        path.write_text(json.dumps(state))
+    return ["-q", "prune", "--resume", str(out)]
+
+
+def _streamed_tampered(ctx):
+    out = ctx.tmp / "run"
+    shutil.copytree(ctx.streamed, out)
+    layer = sorted((out / "checkpoint" / "layers").glob("*.safetensors"))[0]
+    layer.write_bytes(layer.read_bytes()[:100])
+    return ["-q", "prune", "--resume", str(out)]
+
+
+def _weights_truncated(state, out):
+    w = out / "checkpoint" / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:200])
+
+
+def _bench(ctx, text):
+    cfg = ctx.tmp / "bench.yaml"
+    cfg.write_text(text)
+    return ["-q", "bench", "--config", str(cfg), "--output", str(ctx.tmp / "bench")]
+
+
+def _report(ctx, text):
+    d = ctx.tmp / "run"
+    d.mkdir()
+    (d / "report.json").write_text(text)
+    return ["-q", "report", str(d)]
+
+
+def _eval(ctx, *extra):
+    return ["-q", "eval", "--model", str(ctx.model), "--data", str(ctx.text), "--seqlen", "32",
+            "--eval-windows", "2", *extra]
+
+
+MORE_ROWS = [
+    ("folder with files llm-surgeon did not write", _folder_with_user_files,
+     "not an llm-surgeon output"),
+    ("our output with a file added", _ours_plus_foreign, "did not write (notes.txt)"),
+    ("output is the current folder", lambda c: _prune(c, output="."), "current folder"),
+    ("output that is a file", _a_file, "not a folder"),
+    ("output in a folder that cannot be written", _unwritable, "cannot write in"),
+    ("offload folder that is a file", _offload_file, "--offload-dir"),
+    ("NaN or infinite number", lambda c: _prune(c, "--percdamp", "nan"),
+     "must be a finite number"),
+    ("NaN learning rate", lambda c: _prune(c, "--lowrank-lr", "nan"), "must be a finite"),
+    ("NaN penalty", lambda c: _prune(c, "--maiht-mu", "nan"), "must be a finite"),
+    ("number outside its range", lambda c: _prune(c, "--damp-g", "1e30"),
+     "--damp-g must be in"),
+    ("seed that is not a 32-bit integer", lambda c: _prune(c, "--seed", "1e23"),
+     "expected an integer"),
+    ("seed out of range", lambda c: _prune(c, "--seed", str(10**23)), "--seed must be in"),
+    ("negative low-rank rank", lambda c: _prune(c, "--lowrank-rank", "-1"),
+     "--lowrank-rank must be in"),
+    ("more shots than the bound", lambda c: _prune(c, "--shots", "1001"),
+     "--shots must be in [1, 1000]"),
+    ("unknown device", lambda c: _prune(c, "--device", "banana"), "is not a torch device"),
+    ("device not on this machine", lambda c: _prune(c, "--device", "cuda:7"),
+     "cuda"),
+    ("config field of the wrong type",
+     lambda c: _prune(c, "--model", str(_model_copy(c, "wrongtype", _wrong_type))),
+     "could not load model"),
+    ("missing tokenizer",
+     lambda c: _prune(c, "--model", str(_model_copy(c, "notok", _no_tokenizer))),
+     "no usable tokenizer"),
+    ("corrupt config under --max-memory",
+     lambda c: _prune(c, "--model", str(_model_copy(c, "badcfg", _bad_json)), "--max-memory",
+                      "1GB", "--offload-dir", str(c.tmp / "offload")), "could not load model"),
+    ("truncated weights under --max-memory",
+     lambda c: _prune(c, "--model", str(_model_copy(c, "trunc", _truncate)), "--max-memory",
+                      "1GB", "--offload-dir", str(c.tmp / "offload")), "could not load model"),
+    ("checkpoint without settings", lambda c: _tampered(c, lambda s, o: s.pop("settings")),
+     "missing settings"),
+    ("checkpoint with an extra key", lambda c: _tampered(c, lambda s, o: s.update(x=1)),
+     "unexpected x"),
+    ("checkpoint with a sparsity of 'abc'",
+     lambda c: _tampered(c, lambda s, o: s["settings"].update(sparsity="abc")),
+     "sparsity"),
+    ("checkpoint whose report is a list",
+     lambda c: _tampered(c, lambda s, o: s.update(report=[])), "report is not a mapping"),
+    ("checkpoint shot missing a key",
+     lambda c: _tampered(c, lambda s, o: s["shots"][0].pop("time_s")), "shot 1 lacks"),
+    ("checkpoint with a bad RNG state",
+     lambda c: _tampered(c, lambda s, o: s.update(rng=[1, 2, 3])), "rng is not a list"),
+    ("checkpoint with truncated weights", lambda c: _tampered(c, _weights_truncated),
+     "checkpoint weights unreadable"),
+    ("checkpoint with missing weights",
+     lambda c: _tampered(c, lambda s, o: (o / "checkpoint" / "weights.safetensors").unlink()),
+     "checkpoint weights missing"),
+    ("streamed checkpoint with a truncated layer file", _streamed_tampered,
+     "is unreadable"),
+    ("bench sparsity that is not a number",
+     lambda c: _bench(c, "runs:\n  - {method: magnitude, sparsity: abc}\n"),
+     "sparsity (--sparsity) must be a number"),
+    ("bench shots that are a string",
+     lambda c: _bench(c, "runs:\n  - {method: magnitude, shots: '5'}\n"),
+     "shots (--shots) must be an integer"),
+    ("bench model that is a list",
+     lambda c: _bench(c, "model: [a, b]\nruns:\n  - {method: magnitude}\n"),
+     "model (--model) must be a string"),
+    ("report.json that is not JSON", lambda c: _report(c, "{not json"), "not readable JSON"),
+    ("report.json that is incomplete", lambda c: _report(c, "{}"), "is incomplete"),
+    ("eval JSON path that is a folder", lambda c: _eval(c, "--json", str(c.tmp)), "is a folder"),
+    ("unknown zero-shot task", lambda c: _eval(c, "--tasks", "nosuchtask"), "unknown task"),
+    ("hub task without the network", lambda c: _eval(c, "--tasks", "boolq", "--tasks-limit",
+                                                     "2"), "could not be fetched"),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_output(tmp_path_factory, tiny_model_dirs, sample_text_file):
+    """A finished output of ours, and an unfinished run holding a checkpoint (killed before
+    shot 2)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("ours")
+
+    class Ctx:
+        model, text, tmp = tiny_model_dirs["llama"], sample_text_file, root
+
+    assert main(_prune(Ctx, output=root / "finished")) == 0
+    run = root / "checkpointed"
+    from tests import kill_run
+
+    env, cwd = kill_run.env(), Path(__file__).resolve().parent.parent
+    kill = [sys.executable, "-m", "tests.kill_run", "2:start"]
+    subprocess.run([*kill, *_prune(Ctx, output=run)], env=env, cwd=cwd, capture_output=True)
+    assert (run / "checkpoint" / "state.json").is_file()
+    streamed = root / "streamed"
+    subprocess.run([*kill, *_prune(Ctx, output=streamed), "--max-memory", "1GB",
+                    "--offload-dir", str(root / "offload")], env=env, cwd=cwd,
+                   capture_output=True)
+    assert (streamed / "checkpoint" / "layers").is_dir()
+    return root / "finished", run, streamed
+
+
+def _snapshot(root):
+    return {(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(("row", "build", "fragment"), MORE_ROWS, ids=[r[0] for r in MORE_ROWS])
+def test_more_rejected_input(capsys, monkeypatch, tiny_model_dirs, sample_text_file,
+                             finished_output, tmp_path, row, build, fragment):
+    import torch
+
+    if row == "device not on this machine" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    class Ctx:
+        model, text, tmp = tiny_model_dirs["llama"], sample_text_file, tmp_path
+        finished, checkpointed, streamed = finished_output
+
+    argv = build(Ctx)
+    before = _snapshot(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("llm-surgeon: error:"), err
+    assert "Traceback" not in err
+    assert fragment in lines[0], lines[0]
+    assert _snapshot(tmp_path) == before  # nothing written, nothing removed
+    assert not (tmp_path / "out").exists() and not (tmp_path / "bench").exists()
+
+
+def test_readme_table_lists_every_new_row():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for row, _, _fragment in MORE_ROWS:
         assert f"| {row} |" in readme, row

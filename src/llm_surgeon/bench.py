@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -71,6 +70,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
         or not config["runs"]
     ):
         raise UserError(f"bench config {path} needs a non-empty 'runs' list")
+    if not all(isinstance(r, dict) for r in config["runs"]):
+        raise UserError(f"bench config {path}: every entry of 'runs' must be a mapping such as "
+                        "{method: surgeon, sparsity: 0.5}")
     return config
 
 
@@ -84,6 +86,8 @@ def matrix_from_flags(methods: str, structures: str, sparsities: str, shots: int
         levels = [float(x) for x in sparsities.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--sparsities must be numbers, got {sparsities!r}") from None
+    if not levels:
+        raise UserError("--sparsities needs at least one number, e.g. 0.5 or 0.3,0.5")
     runs = []
     for method in (m.strip() for m in methods.split(",") if m.strip()):
         one_pass = getattr(get_method(method), "kind", "global") != "global"
@@ -110,6 +114,7 @@ def expand_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
             raise UserError(f"unknown bench setting(s): {', '.join(sorted(unknown))}")
         if "method" not in run:
             raise UserError("every bench run needs a 'method'")
+        PruneConfig(**run).validate()  # types and ranges, before run_id reads the values
         runs.append(run)
     ids = [run_id(r) for r in runs]
     if len(set(ids)) != len(ids):
@@ -118,9 +123,19 @@ def expand_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from llm_surgeon.io import atomic_write
+
+    atomic_write(path, text)
+
+
+def _read_run(path: Path) -> dict[str, Any]:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        result = None
+    if not isinstance(result, dict):
+        raise UserError(f"{path} is corrupt (not a JSON object); delete it to run it again")
+    return result
 
 
 def bench(
@@ -128,19 +143,19 @@ def bench(
 ) -> list[dict[str, Any]]:
     """Run (or, with ``run_missing=False``, only tabulate) the matrix; returns finished runs."""
     out = Path(output)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
     runs = expand_runs(config)
-    # validate every run before spending minutes on the first
+    # validate every run before spending minutes on the first, and before writing anything
     for run in runs:
         PruneConfig(**run).validate()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     dense_path = out / "runs" / "dense.json"
-    dense_ppl = json.loads(dense_path.read_text())["ppl"] if dense_path.is_file() else None
+    dense_ppl = _read_run(dense_path).get("ppl") if dense_path.is_file() else None
     rows = []
     for run in runs:
         rid = run_id(run)
         path = out / "runs" / f"{rid}.json"
         if path.is_file():
-            result = json.loads(path.read_text())
+            result = _read_run(path)
             if progress:
                 print(f"[bench] {rid}: done earlier (ppl {result.get('ppl')})")
         elif not run_missing:

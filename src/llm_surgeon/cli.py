@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ def _fraction(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
+    if not math.isfinite(value) or not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
 
@@ -56,6 +57,24 @@ layers, T shots on a linear schedule with curvature re-estimated before each sho
 K-OBD / L-OBD / magnitude rank by the cost of zeroing under G (x) A, I (x) A, I (x) I and never
 update the remaining weights.
 """
+
+
+def _number(text: str) -> float:
+    """A finite float (NaN and ±inf are refused here; each setting's range in config.py)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -232,13 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--nearest-kronecker",
-        type=int,
+        type=_integer,
         default=_D.nearest_kronecker,
         metavar="ITERS",
         help="estimate G⊗A as the Kronecker product nearest to the per-window Fisher, by ITERS "
         "power iterations from the K-FAC factors (one extra pass each; 0 = K-FAC, the default)",
     )
-    pr.add_argument("--seed", type=int, default=_D.seed, help="seed of calibration windows etc.")
+    pr.add_argument("--seed", type=_integer, default=_D.seed,
+                    help="seed of calibration windows etc., in [0, 2**32) (default: %(default)s)")
     pr.add_argument(
         "--fisher",
         choices=("empirical", "sampled"),
@@ -248,14 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--damp-g",
-        type=float,
+        type=_number,
         default=_D.damp_g,
         help="damping of G relative to its mean diagonal (default: %(default)s, as the paper's "
         "released scripts; 0.01 over-trusts a Fisher from a few thousand tokens)",
     )
     pr.add_argument(
         "--damp-a",
-        type=float,
+        type=_number,
         default=_D.damp_a,
         help="damping of A relative to its mean diagonal (default: %(default)s)",
     )
@@ -283,31 +303,31 @@ def build_parser() -> argparse.ArgumentParser:
     lw = pr.add_argument_group("layer-wise methods (sparsegpt, wanda, maiht)")
     lw.add_argument("--blocksize", type=_positive_int, default=_D.blocksize,
                     help="SparseGPT: columns per lazy-update block (default: %(default)s)")
-    lw.add_argument("--percdamp", type=float, default=_D.percdamp,
+    lw.add_argument("--percdamp", type=_number, default=_D.percdamp,
                     help="SparseGPT: damping of XᵀX relative to its mean diagonal "
                     "(default: %(default)s)")
-    lw.add_argument("--maiht-mu", type=float, default=_D.maiht_mu,
+    lw.add_argument("--maiht-mu", type=_number, default=_D.maiht_mu,
                     help="mAIHT: l2 penalty μ (default: %(default)s)")
-    lw.add_argument("--maiht-iht-iters", type=int, default=_D.maiht_iht_iters,
+    lw.add_argument("--maiht-iht-iters", type=_integer, default=_D.maiht_iht_iters,
                     help="mAIHT: iterative hard thresholding steps (default: %(default)s)")
-    lw.add_argument("--maiht-refine-iters", type=int, default=_D.maiht_refine_iters,
+    lw.add_argument("--maiht-refine-iters", type=_integer, default=_D.maiht_refine_iters,
                     help="mAIHT: refinement steps on the final support (default: %(default)s)")
-    lw.add_argument("--maiht-step", type=float, default=_D.maiht_step,
+    lw.add_argument("--maiht-step", type=_number, default=_D.maiht_step,
                     help="mAIHT: step as a fraction of 1/L, L = 2(‖XᵀX‖₂ + μ) "
                     "(default: %(default)s)")
     pr.add_argument(
         "--lowrank-rank",
-        type=int,
+        type=_integer,
         default=_D.lowrank_rank,
         help="rank of the first-order low-rank correction between shots (0 = off, the default)",
     )
     pr.add_argument(
         "--lowrank-steps",
-        type=int,
+        type=_integer,
         default=_D.lowrank_steps,
         help="optimizer steps of that correction per shot (default: %(default)s)",
     )
-    pr.add_argument("--lowrank-lr", type=float, default=_D.lowrank_lr, help="its learning rate")
+    pr.add_argument("--lowrank-lr", type=_number, default=_D.lowrank_lr, help="its learning rate")
     pr.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -400,23 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_report(args: argparse.Namespace) -> int:
     from llm_surgeon.report.summary import write_summary
 
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"{args.run_dir} is not a folder (a prune --output or bench --output)")
+
     path = write_summary(args.run_dir)
     print(f"wrote {path}")
     return 0
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (exclusive temporary file, fsync, rename)."""
+    from llm_surgeon.io import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _print_speed(result: dict[str, Any]) -> None:
@@ -438,9 +454,70 @@ def _print_speed(result: dict[str, Any]) -> None:
               f"{result['rounds']} alternating rounds, medians)")
 
 
+EVAL_BOUNDS = {"seqlen": (2, 1_048_576), "eval_windows": (1, 1_000_000),
+               "batch_size": (1, 65_536), "tasks_limit": (1, 10**9), "speed_rounds": (1, 1000),
+               "threads": (1, 4096)}
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    """Everything ``eval`` can check before loading a model: numbers, device, dtype, the JSON
+    path, the task names."""
+    from llm_surgeon.io import check_output_file
+    from llm_surgeon.models.load import check_device, parse_dtype
+
+    for name, (lo, hi) in EVAL_BOUNDS.items():
+        value = getattr(args, name)
+        if value is not None and not lo <= value <= hi:
+            raise UserError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {value}")
+    check_device(args.device)
+    parse_dtype(args.dtype)
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.tasks:
+        from llm_surgeon.evaluate.zeroshot import check_tasks, expand_tasks
+
+        check_tasks(expand_tasks(args.tasks))
+
+
+def check_prune_args(args: argparse.Namespace, cfg: Any) -> None:
+    """Everything ``prune`` can check before loading a model (a few seconds at most): the
+    settings, the device and dtype, the output folder, the offload folder."""
+    from llm_surgeon.io import check_output_folder, probe_writable
+    from llm_surgeon.models.load import check_device, parse_dtype
+
+    cfg.validate()
+    check_device(cfg.device)
+    parse_dtype(cfg.dtype)
+    check_output_folder(args.output)
+    if cfg.offload_dir:
+        off = Path(cfg.offload_dir).expanduser()
+        if off.exists() and not off.is_dir():
+            raise UserError(f"--offload-dir {cfg.offload_dir} exists and is not a folder")
+        anchor = off
+        while not anchor.exists() and anchor != anchor.parent:
+            anchor = anchor.parent
+        if not anchor.is_dir():
+            raise UserError(f"--offload-dir {cfg.offload_dir}: {anchor} is not a folder")
+        probe_writable(anchor, "--offload-dir", off)
+
+
+SHORTFALL = 0.01  # how far below the target a run may end without a warning
+
+
+def warn_shortfall(report: dict[str, Any]) -> None:
+    """A target the structure could not reach (e.g. heads-channels at 0.9999: every layer keeps
+    one KV group and one channel) is said on stderr, with the sparsity reached."""
+    target, got = report.get("sparsity_target"), report.get("sparsity_achieved")
+    if target is None or got is None or got >= target - SHORTFALL:
+        return
+    print(f"llm-surgeon: warning: --structure {report.get('structure')} could not reach the "
+          f"target sparsity {target:.4f}; reached {got:.4f}", file=sys.stderr)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from llm_surgeon.evaluate.runner import evaluate_model
 
+    check_eval_args(args)
     result = evaluate_model(
         model_spec=args.model,
         data=args.data,
@@ -489,7 +566,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if args.resume:
         from llm_surgeon.driver import resume
+        from llm_surgeon.io import check_output_folder
 
+        check_output_folder(args.resume, "--resume")
         report = strip_private(resume(args.resume, progress=not args.quiet))
         args.output = args.resume
         _print_prune(report, args.output)
@@ -535,6 +614,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         offload_dir=args.offload_dir,
         curvature_pass=args.curvature_pass,
     )
+    check_prune_args(args, cfg)
+    from llm_surgeon.driver import check_output_dir
+
+    check_output_dir(Path(args.output), resuming=False)
     report = strip_private(prune(cfg, progress=not args.quiet))
     _print_prune(report, args.output)
     return 0
@@ -554,6 +637,7 @@ def _print_prune(report: dict[str, Any], output: str) -> None:
         print(f"first shot        {report['shot_time_s']:.1f} s = {report['shot_cost_ratio']:.2f}"
               f" x one plain forward+backward ({report['plain_fwd_bwd_s']:.1f} s)")
     print(f"saved             {output} (report.json inside)")
+    warn_shortfall(report)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -564,7 +648,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         matrix_from_flags,
         summary_row,
     )
+    from llm_surgeon.io import probe_writable
 
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {args.output} exists and is not a folder")
+    anchor = out
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"--output {args.output}: {anchor} is not a folder")
+    probe_writable(anchor, "--output", out)
     if args.config and args.methods:
         raise UserError("bench takes --config FILE or --methods ..., not both")
     if args.config:
@@ -582,6 +676,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_sigterm() -> Any:
+    """SIGTERM (``kill``, a scheduler's stop) ends a run like Ctrl-C: temporaries are removed
+    and the last checkpoint stays. Returns the previous handler (None off the main thread)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -593,14 +700,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     start = time.time()
+    previous = _on_sigterm()
     try:
         code = int(args.func(args) or 0)
     except UserError as exc:
-        print(f"llm-surgeon: error: {exc}", file=sys.stderr)
+        from llm_surgeon.models.load import one_line
+
+        print(f"llm-surgeon: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llm-surgeon: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     logging.getLogger(__name__).info("done in %.1fs", time.time() - start)
     return code
 

@@ -4,12 +4,59 @@ line takes its defaults from here and the report records them verbatim."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from llm_surgeon.errors import UserError
 
 FISHER_KINDS = ("empirical", "sampled")
 CURVATURE_PASSES = ("sweep", "hooks")
+MAX_SHOTS = 1000  # the paper uses 40; beyond this a run is a mistake, and each shot checkpoints
+MAX_SEED = 2**32 - 1
+
+# Bounds of every number a run takes, inclusive: (smallest, largest). Floats must be finite.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "shots": (1, MAX_SHOTS),
+    "calib_samples": (1, 1_000_000),
+    "seqlen": (2, 1_048_576),
+    "seed": (0, MAX_SEED),
+    "eval_windows": (1, 1_000_000),
+    "nearest_kronecker": (0, 1000),
+    "damp_g": (0.0, 1e6),
+    "damp_a": (0.0, 1e6),
+    "max_correlate": (1, 1_048_576),
+    "batch_size": (1, 65_536),
+    "lowrank_rank": (0, 65_536),
+    "lowrank_steps": (0, 1_000_000),
+    "blocksize": (1, 1_048_576),
+    "percdamp": (0.0, 1e6),
+    "maiht_mu": (0.0, 1e12),
+    "maiht_iht_iters": (0, 1_000_000),
+    "maiht_refine_iters": (0, 1_000_000),
+}
+_OPEN_LOW = {"lowrank_lr": (0.0, 1e3), "maiht_step": (0.0, 1.0)}  # (low, high]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_number(name: str, value: object) -> None:
+    """One setting's number: the right type, finite, inside its bounds (one-line errors)."""
+    if name in BOUNDS:
+        lo, hi = BOUNDS[name]
+        kind = int if isinstance(lo, int) else float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                kind is int and not isinstance(value, int)):
+            raise UserError(f"{flag(name)} must be {'an integer' if kind is int else 'a number'}"
+                            f", got {value!r}")
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise UserError(f"{flag(name)} must be in [{lo}, {hi}], got {value!r}")
+    elif name in _OPEN_LOW:
+        lo, hi = _OPEN_LOW[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{flag(name)} must be a number, got {value!r}")
+        if not math.isfinite(value) or not lo < value <= hi:
+            raise UserError(f"{flag(name)} must be in ({lo:g}, {hi:g}], got {value!r}")
 
 
 @dataclass
@@ -58,25 +105,14 @@ class PruneConfig:
         from llm_surgeon.methods.base import parse_structure
         from llm_surgeon.methods.registry import get_method
 
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+        self.check_types()
+        if self.sparsity is not None and (not math.isfinite(self.sparsity)
+                                          or not 0.0 <= self.sparsity < 1.0):
             raise UserError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        if self.shots < 1:
-            raise UserError(f"--shots must be a positive integer, got {self.shots}")
-        if self.calib_samples < 1:
-            raise UserError(f"--calib-samples must be positive, got {self.calib_samples}")
-        if self.nearest_kronecker < 0:
-            raise UserError("--nearest-kronecker must be a non-negative number of iterations")
+        for name in (*BOUNDS, *_OPEN_LOW):
+            check_number(name, getattr(self, name))
         if self.fisher not in FISHER_KINDS:
             raise UserError(f"--fisher must be one of {', '.join(FISHER_KINDS)}")
-        for name in ("damp_g", "damp_a"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be non-negative")
-        if self.blocksize < 1 or self.percdamp < 0:
-            raise UserError("--blocksize must be positive and --percdamp non-negative")
-        if self.maiht_iht_iters < 0 or self.maiht_refine_iters < 0 or self.maiht_mu < 0:
-            raise UserError("mAIHT iterations and --maiht-mu must be non-negative")
-        if not 0 < self.maiht_step <= 1:
-            raise UserError("--maiht-step must be in (0, 1]")
         if self.curvature_pass not in CURVATURE_PASSES:
             raise UserError(f"--curvature-pass must be one of {', '.join(CURVATURE_PASSES)}")
         if self.curvature_pass == "hooks" and self.max_memory is not None:
@@ -103,3 +139,26 @@ class PruneConfig:
                 f"(supports: {', '.join(method.structures)})"
             )
         return structure
+
+    def check_types(self) -> None:
+        """Every field of the declared type (a bench YAML or a checkpoint can hold anything)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("bool"):
+                ok = isinstance(value, bool)
+            elif kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif kind.startswith("str"):
+                ok = isinstance(value, str)
+            else:
+                ok = True
+            if not ok:
+                want = kind.split(" |")[0].replace("str", "a string").replace(
+                    "int", "an integer").replace("float", "a number").replace("bool", "true/false")
+                raise UserError(f"setting {f.name} ({flag(f.name)}) must be {want}, got "
+                                f"{value!r}")

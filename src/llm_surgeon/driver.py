@@ -64,6 +64,7 @@ from llm_surgeon.errors import UserError
 from llm_surgeon.evaluate.perplexity import perplexity_from_nll, token_nll
 from llm_surgeon.evaluate.runner import check_seqlen, eval_windows_for
 from llm_surgeon.evaluate.size import peak_rss_mb, reset_peak_rss
+from llm_surgeon.io import check_replaceable, work_folder
 from llm_surgeon.layerwise import (
     at_layer,
     capture_layer_inputs,
@@ -75,7 +76,7 @@ from llm_surgeon.methods import threshold
 from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure
 from llm_surgeon.methods.registry import get_method
 from llm_surgeon.models.layouts import TargetLinear, decoder_linears
-from llm_surgeon.models.load import cache_dir
+from llm_surgeon.models.load import cache_dir, load_model, load_tokenizer
 from llm_surgeon.models.offload import parse_memory, release_free_memory, resident_bytes
 from llm_surgeon.models.shrink import _record_sizes, shrink_group
 from llm_surgeon.models.units import UnitGroup, remove_dead_units, unit_groups
@@ -872,15 +873,12 @@ def check_output_dir(out_dir: Path | None, resuming: bool) -> None:
     """Refuse an ``--output`` that holds an unfinished run or something else than our output."""
     if resuming or out_dir is None:
         return
-    if has_checkpoint(out_dir):
+    if has_checkpoint(out_dir):  # (finishes a replace that a kill interrupted, first)
         raise UserError(
             f"--output {out_dir} holds an unfinished run; continue it with "
             f"`llm-surgeon prune --resume {out_dir}` or choose a new folder"
         )
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
-        raise UserError(
-            f"--output {out_dir} exists and is not an llm-surgeon output; choose a new folder"
-        )
+    check_replaceable(out_dir, "--output")
 
 
 def check_nm_widths(targets: list[TargetLinear], structure: Structure) -> None:
@@ -957,17 +955,13 @@ def open_layers(cfg: PruneConfig, work: Path) -> tuple[nn.Module, Any, Layers]:
     """The model, its tokenizer and its layer store: whole in memory, or (``--max-memory``)
     built on the meta device with every decoder layer in its own file under ``work``."""
     if cfg.max_memory:
-        from transformers import AutoTokenizer
-
         from llm_surgeon.models.load import parse_dtype
         from llm_surgeon.models.offload import load_offloaded
 
         folder = model_folder(cfg.model)
         model, store = load_offloaded(folder, work / "layers", parse_dtype(cfg.dtype),
                                       cfg.device, store_cls=DiskLayers)
-        return model, AutoTokenizer.from_pretrained(str(folder)), store
-    from llm_surgeon.models.load import load_model
-
+        return model, load_tokenizer(str(folder)), store
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     model.eval()
     for p in model.parameters():  # sweeps need activation gradients only
@@ -1010,8 +1004,7 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
     calib_text = load_text(cfg.calib_data, "train")
     eval_text = load_text(cfg.eval_data, "test") if cfg.eval else None
     root = Path(cfg.offload_dir) if cfg.offload_dir else cache_dir() / "offload"
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+    work = work_folder(root)  # (removes stale run folders of killed runs first)
     try:
         with timer("load"):
             model, tokenizer, store = open_layers(cfg, work)

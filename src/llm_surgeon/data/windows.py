@@ -9,7 +9,6 @@ of ``L`` tokens (the ragged tail is dropped), optionally capped to the first ``m
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +41,10 @@ def tokenize(tokenizer: Any, text: str, cache: Path | None = None) -> torch.Tens
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     tensor = torch.tensor(ids, dtype=torch.long)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(tensor, tmp)
-        os.replace(tmp, path)
+        from llm_surgeon.io import atomic_file
+
+        with atomic_file(path) as tmp:
+            torch.save(tensor, tmp)
     return tensor
 
 

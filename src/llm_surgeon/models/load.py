@@ -18,9 +18,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +52,12 @@ def cache_dir() -> Path:
     return base / "llm-surgeon"
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (libraries write several)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -62,6 +65,26 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise UserError(f"unknown dtype {name!r} (choose from {', '.join(_DTYPES)})") from None
+
+
+def check_device(name: str) -> str:
+    """A torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``...), else a
+    one-line error, before any model is loaded."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+                        ) from None
+    if device.type == "cpu":
+        return name
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise UserError(f"--device {name}: no {device.type} device on this machine (use cpu)")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise UserError(f"--device {name}: this machine has {count()} {device.type} device(s)")
+    return name
 
 
 def _quiet_transformers() -> None:
@@ -113,23 +136,11 @@ def _load_gguf(path: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-@contextlib.contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it takes ``target``'s name (an
-    existing ``target`` is replaced), on any error it is removed: ``target`` never appears
-    half-written."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        yield tmp
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def atomic_folder(target: Path, kind: str = "output") -> contextlib.AbstractContextManager[Path]:
+    """See :func:`llm_surgeon.io.atomic_folder` (kept here for the old call sites)."""
+    from llm_surgeon.io import atomic_folder as _atomic_folder
+
+    return _atomic_folder(target, kind)
 
 
 def save_atomically(
@@ -154,15 +165,22 @@ def write_extras(folder: Path, tokenizer: Any, extra_files: dict[str, str] | Non
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Put the complete folder ``tmp`` in place of ``target`` (which may exist) by renames, so
-    that ``target`` is never seen half-written."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    """See :func:`llm_surgeon.io.replace_dir` (kept here for the old call sites)."""
+    from llm_surgeon.io import replace_dir as _replace_dir
+
+    _replace_dir(tmp, target)
+
+
+def load_tokenizer(source: str) -> Any:
+    """The tokenizer of a folder or hub id; a missing or unusable one is a one-line error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise UserError(f"no usable tokenizer in {source} ({one_line(exc)[:200]}); save the "
+                        "model's tokenizer files (tokenizer.json, ...) next to its weights"
+                        ) from None
 
 
 def ensure_bundled_cache(name: str = DEFAULT_MODEL) -> Path:
@@ -173,7 +191,9 @@ def ensure_bundled_cache(name: str = DEFAULT_MODEL) -> Path:
     gguf = bundled_gguf(name)
     log.info("dequantising %s to fp32 into %s (once)", gguf.name, target)
     model, tokenizer = _load_gguf(gguf)
-    save_atomically(model, tokenizer, target)
+    with atomic_folder(target, kind="cache") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_extras(tmp, tokenizer, None)
     return target
 
 
@@ -229,7 +249,7 @@ def load_model(
     ``llm_surgeon_layer_sizes``) are rebuilt layer by layer (:func:`~llm_surgeon.models.shrink.
     load_pruned`). ``with_tokenizer=False`` skips the tokenizer (returned as ``None``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     torch_dtype = parse_dtype(dtype)
@@ -251,7 +271,7 @@ def load_model(
                 model = load_pruned(path, dtype=torch_dtype)
             else:
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
+            tokenizer = load_tokenizer(source) if with_tokenizer else None
         except UserError:
             raise
         except OSError as exc:
@@ -265,7 +285,7 @@ def load_model(
                 f"could not load model from {spec}: {str(exc).splitlines()[0]}"
             ) from None
         except Exception as exc:
-            raise UserError(f"could not load model {spec!r}: {exc}") from None
+            raise UserError(f"could not load model {spec!r}: {one_line(exc)}") from None
     model.eval()
     model.to(device)
     return model, tokenizer

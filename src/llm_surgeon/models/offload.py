@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,10 @@ def parse_memory(text: str) -> int:
         raise UserError(f"--max-memory: cannot read {text!r} (examples: 2GB, 512MiB, 300M)")
     value, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
-    n = int(value * (1024 if binary else 1000) ** power)
+    size = value * (1024 if binary else 1000) ** power
+    if not math.isfinite(size) or size > 2**60:
+        raise UserError(f"--max-memory {text!r} is beyond any machine (at most 1 EiB)")
+    n = int(size)
     if n <= 0:
         raise UserError(f"--max-memory must be positive, got {text!r}")
     return n
@@ -114,9 +119,17 @@ class LayerStore:
         """Store layer ``i``'s tensors (layer-relative names), atomically."""
         from safetensors.torch import save_file
 
-        tmp = self.path(i).with_suffix(".tmp")
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, self.path(i))
+        from llm_surgeon.io import temp_prefix
+
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(self.path(i).name), dir=self.dir)
+        os.close(fd)
+        try:
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp)
+            os.replace(tmp, self.path(i))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def offload_all(self) -> None:
         """Move every (materialised) decoder layer to disk and free it."""
@@ -181,21 +194,43 @@ def load_offloaded(folder: Path, workdir: Path, dtype: torch.dtype, device: str 
     memory-mapped by safetensors).
     """
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llm_surgeon.models.shrink import SIZES_KEY, _checkpoint_names_to_model
+    from llm_surgeon.models.load import one_line
+    from llm_surgeon.models.shrink import SIZES_KEY
 
-    config = AutoConfig.from_pretrained(str(folder))
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # not JSON, a field of the wrong type, an unknown model type
+        raise UserError(f"could not load model {str(folder)!r}: {one_line(exc)}") from None
     if getattr(config, SIZES_KEY, None):
         raise UserError(
             f"{folder} has per-layer sizes (a structured prune's output); --max-memory streams "
             "models whose layers all have the config's shapes"
         )
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:  # a field of the wrong type
+        raise UserError(f"could not load model {str(folder)!r}: {one_line(exc)}") from None
     store = (store_cls or LayerStore)(model, workdir, device)
     store.dtype = dtype
+    try:
+        return _load_offloaded(folder, store, model, dtype, device)
+    except UserError:
+        store.cleanup()
+        raise
+    except Exception as exc:  # truncated or corrupt safetensors, a broken index
+        store.cleanup()
+        raise UserError(f"could not load model {str(folder)!r}: {one_line(exc)}") from None
+
+
+def _load_offloaded(folder: Path, store: LayerStore, model: nn.Module, dtype: torch.dtype,
+                    device: str) -> tuple[nn.Module, LayerStore]:
+    from safetensors import safe_open
+
+    from llm_surgeon.models.shrink import _checkpoint_names_to_model
+
     files = _checkpoint_files(folder)
     by_layer: dict[int, list[str]] = {}
     rest: list[str] = []

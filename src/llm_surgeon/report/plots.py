@@ -26,10 +26,12 @@ def _plt():
 
 
 def _save(fig, path: str | Path) -> Path:
+    from llm_surgeon.io import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:  # exclusive temporary: a planted symlink is not followed
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     _plt().close(fig)
     return path
 

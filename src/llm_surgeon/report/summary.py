@@ -77,16 +77,53 @@ def bench_summary(rows: list[dict[str, Any]], run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+_PRUNE_KEYS = ("method", "structure", "sparsity_target", "sparsity_achieved")
+
+
+def _require(entry: Any, path: Path) -> None:
+    """The keys a summary needs, checked before any figure is drawn (nothing is written for a
+    malformed file)."""
+    missing = [k for k in _PRUNE_KEYS if not isinstance(entry, dict) or k not in entry]
+    if missing:
+        raise UserError(f"{path} is incomplete (no {', '.join(missing)}); re-run the command "
+                        "that wrote it")
+    for k in ("sparsity_target", "sparsity_achieved"):
+        if not isinstance(entry[k], (int, float)) or isinstance(entry[k], bool):
+            raise UserError(f"{path} is malformed ({k} is not a number)")
+
+
+def _read_json(path: Path, kind: type) -> Any:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(data, kind):
+        raise UserError(f"{path} is not a {kind.__name__} of results; was it written by "
+                        "llm-surgeon?")
+    return data
+
+
 def write_summary(run_dir: str | Path) -> Path:
+    from llm_surgeon.io import add_to_marker, atomic_write
+
     run_dir = Path(run_dir)
-    if (run_dir / "report.json").is_file():
-        text = prune_summary(json.loads((run_dir / "report.json").read_text()), run_dir)
-    elif (run_dir / "results.json").is_file():
-        text = bench_summary(json.loads((run_dir / "results.json").read_text()), run_dir)
-    else:
-        raise UserError(f"{run_dir} holds neither report.json (prune) nor results.json (bench)")
-    out = run_dir / "summary.md"
-    tmp = run_dir / ".summary.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out)
+    try:
+        if (run_dir / "report.json").is_file():
+            report = _read_json(run_dir / "report.json", dict)
+            _require(report, run_dir / "report.json")
+            text = prune_summary(report, run_dir)
+        elif (run_dir / "results.json").is_file():
+            rows = _read_json(run_dir / "results.json", list)
+            for r in rows:
+                _require(r, run_dir / "results.json")
+            text = bench_summary(rows, run_dir)
+        else:
+            raise UserError(
+                f"{run_dir} holds neither report.json (prune) nor results.json (bench)")
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        what = "report.json" if (run_dir / "report.json").is_file() else "results.json"
+        raise UserError(f"{run_dir / what} is incomplete or malformed ({type(exc).__name__}: "
+                        f"{exc}); re-run the command that wrote it") from None
+    out = atomic_write(run_dir / "summary.md", text)
+    add_to_marker(run_dir, [out, *sorted((run_dir / "plots").glob("*.png"))])
     return out
