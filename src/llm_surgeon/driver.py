@@ -15,9 +15,10 @@ One shot of a global method (surgeon, K-OBD, L-OBD, magnitude):
     backward sweep    for ℓ = L−1..0: recompute layer_ℓ(h_ℓ) with grad, backward g_{ℓ+1} → g_ℓ;
                       hooks on its linears give A and G (and the nearest-Kronecker iterations)
                       → layer ℓ's factors to the work folder
-    costs             per layer: its factors, damped and inverted, → costs of every candidate
+    costs             per layer: its factors, damped and inverted (kept in the work folder for
+                      the updates), → costs of every candidate
     threshold         one global threshold over all layers' costs, read back one layer at a time
-    updates           per layer: its factors and removal → updated weights, written back
+    updates           per layer: its inverted factors and removal → updated weights, written back
 
 Shot t of T reaches the target t·α/T (linear schedule); what was removed stays removed.
 The layer-wise methods (SparseGPT, Wanda, mAIHT) run one pass: each layer pruned on its inputs,
@@ -535,6 +536,17 @@ def _curvature_of(run: Run, ell: int, kind: str, names: list[str]) -> dict[str, 
     return {n: Curvature(A=saved[n][0], G=saved[n][1]) for n in names}
 
 
+def _prepared_of(run: Run, ell: int, names: list[str]) -> dict[str, Curvature]:
+    """Layer ℓ's damped factors and inverses as the costs pass prepared them."""
+    if not names:
+        return {}
+    saved = WorkFiles(run.work / "shot", run.device).get(f"prep{ell}")
+    run.emit("factors", layer=ell,
+             tensors=[m for n in names for m in saved[n][:4] if m is not None])
+    return {n: Curvature(A=saved[n][0], G=saved[n][1], Ainv=saved[n][2], Ginv=saved[n][3],
+                         flat=bool(saved[n][4])) for n in names}
+
+
 # ---- the passes of a shot -------------------------------------------------------------------
 
 
@@ -565,11 +577,16 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
                         disable=not run.progress):
             mine = by_layer.get(ell, [])
             curv = _curvature_of(run, ell, kind, [t.name for t in mine])
+            prepared: dict[str, tuple] = {}
             with store.resident(ell):
                 for t in mine:
                     W = augmented_weight(t)
                     shapes[t.name] = W.shape
-                    prepare_curvature(method, curv[t.name], t, cfg)
+                    if hasattr(method, "prepare"):
+                        # damped factors and their inverses, once: kept for the updates
+                        prepare_curvature(method, curv[t.name], t, cfg)
+                        c = curv[t.name]
+                        prepared[t.name] = (c.A, c.G, c.Ainv, c.Ginv, c.flat)
                     if units is not None:
                         g, p = share[t.name]
                         small[t.name] = Costs(units=p.unit_costs(method, W, curv[t.name],
@@ -583,7 +600,9 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
                         del c
                     curv[t.name] = Curvature()
                     del W
-            del curv
+            if prepared:
+                work.put(f"prep{ell}", prepared)
+            del curv, prepared
     release_free_memory()
     total = sum(math.prod(s) for s in shapes.values())
 
@@ -622,11 +641,11 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
                         disable=not run.progress):
             run.emit("update", shot=shot, layer=ell, layers=len(store))
             mine = by_layer.get(ell, [])
-            curv = _curvature_of(run, ell, kind, [t.name for t in mine])
+            curv = _prepared_of(run, ell, [t.name for t in mine]) if hasattr(
+                method, "prepare") else _curvature_of(run, ell, kind, [t.name for t in mine])
             with store.resident(ell, dirty=True):
                 for t in mine:
                     W = augmented_weight(t)
-                    prepare_curvature(method, curv[t.name], t, cfg)
                     write_augmented(t, method.apply(W, curv[t.name], removal_of(t), structure))
                     curv[t.name] = Curvature()
                     del W
