@@ -222,6 +222,17 @@ class Layout:
         return None
 
 
+# The Llama block's linears, shared by the families that name them the same way.
+_LLAMA_LINEARS = {
+    ATTN_Q: "self_attn.q_proj",
+    ATTN_K: "self_attn.k_proj",
+    ATTN_V: "self_attn.v_proj",
+    ATTN_O: "self_attn.o_proj",
+    MLP_GATE: "mlp.gate_proj",
+    MLP_UP: "mlp.up_proj",
+    MLP_DOWN: "mlp.down_proj",
+}
+
 _FALCON = dict(
     model_types=("falcon",),
     layers="transformer.h",
@@ -247,15 +258,7 @@ LAYOUTS: tuple[Layout, ...] = (
         model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
                      "granite"),
         layers="model.layers",
-        linears={
-            ATTN_Q: "self_attn.q_proj",
-            ATTN_K: "self_attn.k_proj",
-            ATTN_V: "self_attn.v_proj",
-            ATTN_O: "self_attn.o_proj",
-            MLP_GATE: "mlp.gate_proj",
-            MLP_UP: "mlp.up_proj",
-            MLP_DOWN: "mlp.down_proj",
-        },
+        linears=_LLAMA_LINEARS,
         notes="Llama, Mistral, Qwen2/3, Gemma 1/2/3 (text), Granite, SmolLM: grouped-query "
         "attention, gated MLP; Qwen3/Gemma 3 q/k norms span one head (nothing to shrink).",
     ),
@@ -296,15 +299,7 @@ LAYOUTS: tuple[Layout, ...] = (
         family="olmo2",
         model_types=("olmo2",),
         layers="model.layers",
-        linears={
-            ATTN_Q: "self_attn.q_proj",
-            ATTN_K: "self_attn.k_proj",
-            ATTN_V: "self_attn.v_proj",
-            ATTN_O: "self_attn.o_proj",
-            MLP_GATE: "mlp.gate_proj",
-            MLP_UP: "mlp.up_proj",
-            MLP_DOWN: "mlp.down_proj",
-        },
+        linears=_LLAMA_LINEARS,
         head_norms=(HeadNorm(ATTN_Q, "self_attn.q_norm"), HeadNorm(ATTN_K, "self_attn.k_norm")),
         # The q/k norms' epsilon scales with the kept width (see HeadNorm): one config-wide
         # rms_norm_eps cannot say that, so fewer heads reload through llm_surgeon.load.
@@ -330,15 +325,7 @@ LAYOUTS: tuple[Layout, ...] = (
         model_types=("stablelm",),
         when={"qk_layernorm": True},
         layers="model.layers",
-        linears={
-            ATTN_Q: "self_attn.q_proj",
-            ATTN_K: "self_attn.k_proj",
-            ATTN_V: "self_attn.v_proj",
-            ATTN_O: "self_attn.o_proj",
-            MLP_GATE: "mlp.gate_proj",
-            MLP_UP: "mlp.up_proj",
-            MLP_DOWN: "mlp.down_proj",
-        },
+        linears=_LLAMA_LINEARS,
         head_norms=(HeadNorm(ATTN_Q, "self_attn.q_layernorm", "heads"),
                     HeadNorm(ATTN_K, "self_attn.k_layernorm", "heads")),
         head_dim_attr=None,
@@ -350,15 +337,7 @@ LAYOUTS: tuple[Layout, ...] = (
         family="stablelm",
         model_types=("stablelm",),
         layers="model.layers",
-        linears={
-            ATTN_Q: "self_attn.q_proj",
-            ATTN_K: "self_attn.k_proj",
-            ATTN_V: "self_attn.v_proj",
-            ATTN_O: "self_attn.o_proj",
-            MLP_GATE: "mlp.gate_proj",
-            MLP_UP: "mlp.up_proj",
-            MLP_DOWN: "mlp.down_proj",
-        },
+        linears=_LLAMA_LINEARS,
         head_dim_attr=None,
         sizes_in_config=False,  # head size = hidden_size / num_attention_heads
         channels_in_config=True,
