@@ -8,10 +8,10 @@ decoder layers, projected to the full 32 layers.
 Jobs: the surgeon at unstructured 50% and rows-columns 20%, 1 shot, 8 × 512 calibration tokens,
 no evaluation. Each (job, layer count) runs in a fresh process (peak RSS = its ``ru_maxrss``,
 on CUDA also ``torch.cuda.max_memory_allocated``), through the driver's own phases (curvature,
-costs, threshold, update) with the inversions (``prepare``: damping and Cholesky inverses, run
-in the costs and again in the updates) timed apart. Every phase is linear in the layer count,
-so per layer = t(2 layers) − t(1 layer) and fixed = t(1) − per layer (embeddings, LM head,
-loading), and 32 layers ≈ fixed + 32 · per layer, here.
+costs, threshold, update) with the inversions (``prepare``: damping and Cholesky inverses,
+once per linear in the costs pass; the updates reuse them) timed apart. Every phase is linear in
+the layer count, so per layer = t(2 layers) − t(1 layer) and fixed = t(1) − per layer
+(embeddings, LM head, loading), and 32 layers ≈ fixed + 32 · per layer, here.
 
 The one-GPU projection counts each phase's floating-point operations per layer (below) and
 divides by a stated throughput (``--gpu-tflops``, ``--gpu-fp64-tflops``); the update's solver is
@@ -67,7 +67,7 @@ def one(args: argparse.Namespace) -> None:
     from llm_surgeon.methods.surgeon import SurgeonMethod
 
     torch.set_num_threads(args.threads)
-    calls: list[float] = []  # each linear is prepared in the costs, then again in the updates
+    calls: list[float] = []  # each linear is prepared once, in the costs pass
     real = SurgeonMethod.prepare
 
     def timed(self, *a, **k):
@@ -88,8 +88,7 @@ def one(args: argparse.Namespace) -> None:
     report = prune(cfg, progress=False)
     out = {"phases": report["phases"], "prune_time_s": report["prune_time_s"],
            "sparsity_achieved": report["sparsity_achieved"],
-           "prepare_costs_s": sum(calls[:len(calls) // 2]),
-           "prepare_update_s": sum(calls[len(calls) // 2:]),
+           "prepare_costs_s": sum(calls), "prepare_calls": len(calls),
            "report_peak_rss_mb": report["peak_rss_mb"]}
     if args.device.startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -135,8 +134,9 @@ def flops_per_layer(shapes: dict, tokens: int, seqlen: int) -> dict[str, float]:
 
     curvature: forward sweep, recomputed forward, backward (2× forward) = 4 forwards of
         2·P_layer + attention 4·T·hidden per token, plus A and G: 2·d² per token per factor.
-    inversions: per factor of width d, symmetrise + Cholesky (d³/3) + inverse from the factor
-        (2d³/3), twice (costs and updates), in fp64.
+    inversions: per linear, its A (width in) and G (width out): symmetrise + Cholesky (d³/3)
+        + inverse from the factor (2d³/3), once per shot, in fp64 (a shared A is inverted once
+        per linear that reads it).
     costs: a few passes over each weight (elementwise), negligible; rows-columns adds
         W·A·Wᵀ-type products, 2·out·in·(in+out) per linear.
     """
@@ -147,7 +147,7 @@ def flops_per_layer(shapes: dict, tokens: int, seqlen: int) -> dict[str, float]:
     a_widths = [h, h, h, m]  # q/k/v share, o, gate/up share, down
     g_widths = [o for _, o in linears]
     factors = tokens * 2 * (sum(d * d for d in a_widths) + sum(d * d for d in g_widths))
-    inv = 2 * sum(d**3 for d in a_widths + g_widths)  # (1/3 + 2/3) d³, twice
+    inv = sum(i**3 + o**3 for i, o in linears)  # (1/3 + 2/3) d³ per factor
     costs_rc = sum(2 * o * i * (i + o) for i, o in linears)
     return {"curvature": 4 * fwd + factors, "inversions": float(inv),
             "costs_rows_columns": float(costs_rc), "params_layer": float(p_layer)}
@@ -202,7 +202,7 @@ def main() -> None:
         def phase(r: dict, name: str) -> float:
             """A phase's time with the inversions (timed apart) taken out."""
             if name == "inversions":
-                return r["prepare_costs_s"] + r["prepare_update_s"]
+                return r["prepare_costs_s"]
             t = r["phases"].get(name, {}).get("time_s", 0.0)
             return t - r.get(f"prepare_{name}_s", 0.0)
 
