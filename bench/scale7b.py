@@ -6,8 +6,9 @@ decoder layers, projected to the full 32 layers.
     .venv/bin/python bench/scale7b.py --smoke        # 256-wide shapes, seconds
 
 Jobs: the surgeon at unstructured 50% and rows-columns 20%, 1 shot, 8 × 512 calibration tokens,
-no evaluation. Each (job, layer count) runs in a fresh process (peak RSS = its ``ru_maxrss``,
-on CUDA also ``torch.cuda.max_memory_allocated``), through the driver's own phases (curvature,
+no evaluation. Each (job, layer count) runs in a fresh process (peak RSS = max of its
+``ru_maxrss`` and the run's own folded peak; on CUDA also ``torch.cuda.max_memory_allocated``),
+through the driver's own phases (curvature,
 costs, threshold, update) with the inversions (``prepare``: damping and Cholesky inverses,
 once per linear in the costs pass; the updates reuse them) timed apart. Every phase is linear in
 the layer count, so per layer = t(2 layers) − t(1 layer) and fixed = t(1) − per layer
@@ -111,8 +112,10 @@ def run_child(model: Path, structure: str, sparsity: str, args: argparse.Namespa
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}): {' '.join(cmd)}")
     line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
-    return {**json.loads(line[7:]), "wall_s": time.perf_counter() - start,
-            "peak_rss_mb": usage.ru_maxrss / 1024}
+    result = json.loads(line[7:])
+    return {**result, "wall_s": time.perf_counter() - start,
+            # phases reset the kernel's high-water mark (ru_maxrss too); the run folds them
+            "peak_rss_mb": max(usage.ru_maxrss / 1024, result["report_peak_rss_mb"])}
 
 
 def matmul_gflops(threads: int, dtype: str = "float32", n: int = 2048) -> float:
