@@ -432,8 +432,9 @@ def resume(out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     return prune(cfg, progress=progress, _resume=state)
 
 
-def check_output_dir(out_dir: Path | None, resuming: bool) -> None:
-    """Refuse an ``--output`` that holds an unfinished run or something else than our output."""
+def check_output_replaceable(out_dir: Path | None, resuming: bool) -> None:
+    """Refuse an ``--output`` that holds an unfinished run or something else than our output
+    (whether the path can be written at all is :func:`llm_surgeon.io.check_output_path_usable`)."""
     if resuming or out_dir is None:
         return
     from llm_surgeon.io import check_replaceable
@@ -502,7 +503,7 @@ def prune(
 
         return prune_streamed(cfg, progress=progress, dense_ppl=dense_ppl, _resume=_resume)
     out_dir = Path(cfg.output) if cfg.output else None
-    check_output_dir(out_dir, resuming=_resume is not None)
+    check_output_replaceable(out_dir, resuming=_resume is not None)
     torch.manual_seed(cfg.seed)
     timer = PhaseTimer()
     calib_text = load_text(cfg.calib_data, "train")

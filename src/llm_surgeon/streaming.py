@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -575,14 +574,14 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | N
 
     from llm_surgeon.checkpoint import restore_layer_files, save_checkpoint
     from llm_surgeon.evaluate.runner import check_seqlen, eval_windows_for
-    from llm_surgeon.io import work_folder
+    from llm_surgeon.io import remove_work_folder, work_folder
     from llm_surgeon.models.load import cache_dir, load_tokenizer, parse_dtype
     from llm_surgeon.run import (
         PhaseTimer,
         _test_kill_point,
         calibration_set,
         check_nm_widths,
-        check_output_dir,
+        check_output_replaceable,
         layer_report_from_counts,
         report_header,
         shrink_report,
@@ -594,7 +593,7 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | N
     _refuse(cfg, structure, kind)
     budget = parse_memory(cfg.max_memory or "")
     out_dir = Path(cfg.output) if cfg.output else None
-    check_output_dir(out_dir, resuming=_resume is not None)
+    check_output_replaceable(out_dir, resuming=_resume is not None)
     torch.manual_seed(cfg.seed)
     timer = PhaseTimer()
     calib_text = load_text(cfg.calib_data, "train")
@@ -709,5 +708,5 @@ def prune_streamed(cfg: PruneConfig, progress: bool = True, dense_ppl: float | N
         report["_model"] = None  # the layers live on disk only; load DIR to use the model
         return report
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work_folder(work)
 
