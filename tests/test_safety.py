@@ -557,9 +557,16 @@ def test_output_files_and_folders_are_fsynced_before_the_final_rename(
     out = tmp_path / "out"
     assert main(_argv(tiny_model_dirs["llama"], sample_text_file, out, shots="2")) == 0
     final = max(i for i, e in enumerate(events) if e == ("rename", str(out.resolve())))
-    synced_before = {Path(p).name for kind, p in events[:final] if kind == "fsync"}
-    for f in out.iterdir():
-        assert f.name in synced_before, f.name
+    # full paths relative to the folder that took the name (the final temporary), so that
+    # e.g. checkpoint/state.json is not counted for a state.json elsewhere
+    final_tmp = [p for kind, p in events[:final]
+                 if kind == "fsync" and Path(p).name.startswith(".out.tmp-")][-1]
+    synced_before = {Path(p).relative_to(final_tmp).as_posix() for kind, p in events[:final]
+                     if kind == "fsync" and Path(p).is_relative_to(final_tmp)}
+    written = [f.relative_to(out).as_posix() for f in out.rglob("*")]
+    assert written and "model.safetensors" in written
+    for rel in written:
+        assert rel in synced_before, rel
     # the parent folder after the rename
     assert ("fsync", str(tmp_path.resolve())) in events[final:]
     # the checkpoint too: its state was fsynced before it took its name
