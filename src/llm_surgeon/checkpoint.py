@@ -125,10 +125,13 @@ def state_problem(state: dict[str, Any]) -> str | None:
     if not isinstance(settings, dict):
         return "settings are not a mapping"
     try:
-        PruneConfig(**settings).validate()
-    except TypeError as exc:
+        cfg = PruneConfig(**settings)
+        cfg.check_types()
+    except (TypeError, UserError) as exc:  # not a run's settings at all: tampered
         return f"settings: {exc}"
-    except UserError as exc:  # valid when written, refused by today's checks
+    try:
+        cfg.validate()
+    except UserError as exc:  # well-formed, valid when written, refused by today's checks
         return f"{NOT_ACCEPTED}{exc}"
     if not isinstance(state["report"], dict):
         return "report is not a mapping"
