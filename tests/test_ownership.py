@@ -191,3 +191,27 @@ def test_valid_values_pass_the_early_checks(tmp_path, monkeypatch, tiny_model_di
     cfg = PruneConfig(**{f: getattr(args, f) for f in names})
     check_prune_args(args, cfg)  # raises UserError (exit 2) on refusal
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_second_rename_keeps_the_complete_new_result(tmp_path, monkeypatch):
+    """Two-rename replace, the second rename fails: the old code's clean-up deleted the
+    complete new folder while the name was empty; it now takes the name."""
+    monkeypatch.setenv("LLM_SURGEON_NO_EXCHANGE", "1")
+    target = tmp_path / "out"
+    with sio.atomic_folder(target) as t:
+        (t / "f").write_text("old")
+    real, into_target = sio.rename, []
+
+    def flaky(a, b):
+        if Path(b) == target:
+            into_target.append(a)
+            if len(into_target) == 1:
+                raise OSError(5, "Input/output error")
+        return real(a, b)
+
+    monkeypatch.setattr(sio, "rename", flaky)
+    with pytest.raises(OSError), sio.atomic_folder(target) as t:
+        (t / "f").write_text("new")
+    assert (target / "f").read_text() == "new"
+    sio.recover(target)  # the old copy, moved aside, is a leftover of ours: removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

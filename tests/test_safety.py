@@ -289,7 +289,8 @@ def _unwritable(tmp_path: Path) -> Path:
     return Path("/proc/self")
 
 
-@pytest.mark.parametrize("case", ["dot", "unwritable", "file", "offload-file", "parent-file"])
+@pytest.mark.parametrize("case", ["dot", "unwritable", "file", "offload-file", "parent-file",
+                                  "offload-in-output", "output-in-offload"])
 def test_unusable_output_fails_fast_before_any_model(capsys, tiny_model_dirs, sample_text_file,
                                                      tmp_path, monkeypatch, no_model_loading,
                                                      case):
@@ -306,6 +307,10 @@ def test_unusable_output_fails_fast_before_any_model(capsys, tiny_model_dirs, sa
     elif case == "offload-file":
         (tmp_path / "off").write_text("keep")
         extra = ["--max-memory", "1GB", "--offload-dir", str(tmp_path / "off")]
+    elif case == "offload-in-output":
+        extra = ["--max-memory", "1GB", "--offload-dir", str(tmp_path / "out" / "off")]
+    elif case == "output-in-offload":
+        extra = ["--max-memory", "1GB", "--offload-dir", str(tmp_path)]
     elif case == "parent-file":
         (tmp_path / "afile").write_text("keep")
         out = tmp_path / "afile" / "out"

@@ -529,11 +529,14 @@ def atomic_folder(target: str | Path, kind: str = "output") -> Iterator[Path]:
         write_marker(tmp, kind)
         replace_dir(tmp, target)
     except BaseException:
+        keep = False
         if tmp.is_dir() and not target.exists() and _complete(tmp):
-            with contextlib.suppress(OSError):  # the complete new result: keep it, by name
+            try:  # the complete new result and no other: it takes the name, never deleted
                 rename(tmp, target)
                 fsync_dir(target.parent)
-        if tmp.is_dir():
+            except OSError:
+                keep = True  # (marked, complete: recover() puts it in place on the next start)
+        if tmp.is_dir() and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
