@@ -179,7 +179,9 @@ def test_shrink_renaming_falls_back_when_transformers_internals_change(monkeypat
 @pytest.mark.parametrize("extra", [
     ["--seed", "0"], ["--seed", str(2**32 - 1)], ["--sparsity", "0.5"], ["--damp-g", "0"],
     ["--damp-a", "0"], ["--percdamp", "0"], ["--device", "cpu:0"],
-    ["--max-memory", "1.5G"], ["--max-memory", "64MB", "--offload-dir", "off"]])
+    ["--max-memory", "1.5G"], ["--max-memory", "64MB", "--offload-dir", "off"],
+    ["--sparsity", "0"], ["--maiht-step", "1"], ["--shots", "1000"], ["--structure", "2:4"],
+    ["--lowrank-lr", "1e-4", "--lowrank-rank", "4"]])
 def test_valid_values_pass_the_early_checks(tmp_path, monkeypatch, tiny_model_dirs, extra):
     """The other side of the bad-value tests: the bounds are not too tight."""
     from llm_surgeon.config import PruneConfig
@@ -215,3 +217,19 @@ def test_a_failed_second_rename_keeps_the_complete_new_result(tmp_path, monkeypa
     assert (target / "f").read_text() == "new"
     sio.recover(target)  # the old copy, moved aside, is a leftover of ours: removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_killed_reports_temporary_is_ours_only_in_our_output(tiny_model_dirs,
+                                                               sample_text_file, tmp_path,
+                                                               cache):
+    """``report`` lists summary.md in the marker before writing it, so the temporary a kill
+    leaves is a leftover of ours; the same name in a folder without our marker is foreign."""
+    out = tmp_path / "out"
+    argv = _argv(tiny_model_dirs["llama"], sample_text_file, out, shots="1")
+    assert main(argv) == 0
+    assert main(["-q", "report", str(out)]) == 0
+    (out / ".summary.md.tmp-1-abc").write_text("half")  # a killed report's temporary
+    (out / ".notes.md.tmp-1-abc").write_text("mine")  # not a name we wrote
+    assert sio.foreign_files(out) == [".notes.md.tmp-1-abc"]
+    (out / ".notes.md.tmp-1-abc").unlink()
+    assert main(argv) == 0

@@ -141,6 +141,7 @@ def write_summary(run_dir: str | Path) -> Path:
         what = "report.json" if (run_dir / "report.json").is_file() else "results.json"
         raise UserError(f"{run_dir / what} is incomplete or malformed ({type(exc).__name__}: "
                         f"{exc}); re-run the command that wrote it") from None
+    add_to_marker(run_dir, [run_dir / "summary.md"])  # first: its temporary is ours too
     out = atomic_write(run_dir / "summary.md", text)
     add_to_marker(run_dir, [out, *sorted((run_dir / "plots").glob("*.png"))])
     return out
