@@ -234,10 +234,113 @@ def _eval(ctx, *extra):
             "--eval-windows", "2", *extra]
 
 
+def _only_a_leftover_name(ctx):
+    d = ctx.tmp / "d2"
+    d.mkdir()
+    (d / ".zshrc.old-2024").write_text("alias ll='ls -l'")
+    return _prune(ctx, output=d)
+
+
+def _user_checkpoint_tmp_name(ctx):
+    d = ctx.tmp / "proj2"
+    (d / ".checkpoint.tmp-2024-a").mkdir(parents=True)
+    (d / "main.c").write_text("int main;")
+    (d / ".checkpoint.tmp-2024-a" / "w.bin").write_bytes(b"mine")
+    return _prune(ctx, output=d)
+
+
+def _output_inside_output(ctx):
+    base = ctx.tmp / "base"
+    shutil.copytree(ctx.finished, base)
+    shutil.copytree(ctx.finished, base / "best-run-sp50")
+    return _prune(ctx, output=base)
+
+
+def _ours_plus_leftover_names(ctx):
+    out = ctx.tmp / "ours"
+    shutil.copytree(ctx.finished, out)
+    (out / ".x.old-2024").write_text("mine")
+    (out / "run-2024-x").mkdir()
+    (out / "run-2024-x" / "log.txt").write_text("mine")
+    (out / ".checkpoint.tmp-2024-a").mkdir()
+    (out / ".checkpoint.tmp-2024-a" / "w.bin").write_bytes(b"mine")
+    return _prune(ctx, output=out)
+
+
+def _cache_as_output(ctx):
+    import json
+
+    from llm_surgeon.io import MARKER
+
+    cache = ctx.tmp / "SmolLM2-135M-fp32"
+    shutil.copytree(ctx.finished, cache)
+    marker = json.loads((cache / MARKER).read_text())
+    (cache / MARKER).write_text(json.dumps({**marker, "kind": "cache"}))
+    return _prune(ctx, output=cache)
+
+
+def _bench_flags(output):
+    return ["-q", "bench", "--methods", "magnitude", "--sparsities", "0.5", "--output", output]
+
+
+def _bench_into_dot(ctx):
+    (ctx.tmp / "results.csv").write_text("my,own,data\n")
+    return _bench_flags(".")
+
+
+def _bench_into_users_folder(ctx):
+    (ctx.tmp / "proj").mkdir()
+    (ctx.tmp / "proj" / "results.csv").write_text("my,own,data\n")
+    return _bench_flags(str(ctx.tmp / "proj"))
+
+
+def _offload_vs_output(where):
+    def build(ctx):
+        out = ctx.tmp / "o"
+        off = {"inside": out / "off", "equal": out, "holding": ctx.tmp}[where]
+        return _prune(ctx, "--max-memory", "1GB", "--offload-dir", str(off), output=out)
+    return build
+
+
+def _report_over_users_summary(ctx):
+    d = ctx.tmp / "notes"
+    d.mkdir()
+    shutil.copy(ctx.finished / "report.json", d / "report.json")
+    (d / "summary.md").write_text("# my notes")
+    return ["-q", "report", str(d)]
+
+
+def _report_over_users_plot(ctx):
+    d = ctx.tmp / "ours"
+    shutil.copytree(ctx.finished, d)
+    (d / "plots").mkdir()
+    (d / "plots" / "layers.png").write_bytes(b"my figure")
+    return ["-q", "report", str(d)]
+
+
 MORE_ROWS = [
     ("folder with files llm-surgeon did not write", _folder_with_user_files,
      "not an llm-surgeon output"),
     ("our output with a file added", _ours_plus_foreign, "did not write (notes.txt)"),
+    ("folder holding only a file named like our leftovers", _only_a_leftover_name,
+     "not an llm-surgeon output"),
+    ("folder with a user folder named like our checkpoint temporary",
+     _user_checkpoint_tmp_name, "not an llm-surgeon output"),
+    ("our output holding a copy of another output", _output_inside_output,
+     "did not write (best-run-sp50/"),
+    ("our output with user files named like our leftovers", _ours_plus_leftover_names,
+     "did not write (.checkpoint.tmp-2024-a/, .x.old-2024, run-2024-x/)"),
+    ("the bundled model's cache as --output", _cache_as_output, "is an llm-surgeon cache"),
+    ("bench output that is the current folder", _bench_into_dot, "is the current folder"),
+    ("bench output that is a user's folder", _bench_into_users_folder,
+     "not an llm-surgeon bench folder"),
+    ("offload folder inside the output", _offload_vs_output("inside"), "keep the two apart"),
+    ("offload folder that is the output", _offload_vs_output("equal"), "keep the two apart"),
+    ("offload folder holding the output", _offload_vs_output("holding"), "keep the two apart"),
+    ("report over a user's summary.md", _report_over_users_summary,
+     "summary.md, not written by llm-surgeon"),
+    ("report over a user's plot", _report_over_users_plot,
+     "plots/layers.png, not written by llm-surgeon"),
     ("output is the current folder", lambda c: _prune(c, output="."), "current folder"),
     ("output that is a file", _a_file, "not a folder"),
     ("output in a folder that cannot be written", _unwritable, "cannot write in"),
@@ -283,6 +386,9 @@ MORE_ROWS = [
      lambda c: _tampered(c, lambda s, o: s["shots"][0].pop("time_s")), "shot 1 lacks"),
     ("checkpoint with a bad RNG state",
      lambda c: _tampered(c, lambda s, o: s.update(rng=[1, 2, 3])), "rng is not a list"),
+    ("checkpoint whose settings are no longer accepted",
+     lambda c: _tampered(c, lambda s, o: s["settings"].update(seed=2**40)),
+     "recorded settings are no longer accepted: --seed"),
     ("checkpoint with truncated weights", lambda c: _tampered(c, _weights_truncated),
      "checkpoint weights unreadable"),
     ("checkpoint with missing weights",

@@ -233,6 +233,8 @@ def test_recover_finishes_an_interrupted_two_rename_replace(tmp_path):
             (d / "report.json").write_text(label)
         if complete:
             sio.write_marker(new)
+        else:  # killed while writing: the marker a temporary gets when it is created
+            sio._write_first_marker(new, "output")
         sio.write_marker(old)
         sio.recover(root / "out")
         assert (root / "out" / "report.json").read_text() == ("new" if complete else "old")
@@ -241,12 +243,18 @@ def test_recover_finishes_an_interrupted_two_rename_replace(tmp_path):
 
 def test_recover_leaves_live_writers_and_foreign_names_alone(tmp_path):
     (tmp_path / "out").mkdir()
-    live = tmp_path / f".out.tmp-{os.getppid()}-x"  # our parent: alive
+    live = tmp_path / f".out.tmp-{_dead_pid()}-x"  # its PID is gone, but its lock is held
     other = tmp_path / ".out.tmp-notapid"
     unrelated = tmp_path / f".other.tmp-{_dead_pid()}-x"
     for d in (live, other, unrelated):
         d.mkdir()
-    sio.recover(tmp_path / "out")
+    for d in (live, unrelated):
+        sio._write_first_marker(d, "output")
+    fd = sio._held_dir(live)  # a live writer (in another PID namespace, say) holds it
+    try:
+        sio.recover(tmp_path / "out")
+    finally:
+        os.close(fd)
     assert live.exists() and other.exists() and unrelated.exists()
 
 
@@ -281,7 +289,8 @@ def _unwritable(tmp_path: Path) -> Path:
     return Path("/proc/self")
 
 
-@pytest.mark.parametrize("case", ["dot", "unwritable", "file", "offload-file", "parent-file"])
+@pytest.mark.parametrize("case", ["dot", "unwritable", "file", "offload-file", "parent-file",
+                                  "offload-in-output", "output-in-offload"])
 def test_unusable_output_fails_fast_before_any_model(capsys, tiny_model_dirs, sample_text_file,
                                                      tmp_path, monkeypatch, no_model_loading,
                                                      case):
@@ -298,6 +307,10 @@ def test_unusable_output_fails_fast_before_any_model(capsys, tiny_model_dirs, sa
     elif case == "offload-file":
         (tmp_path / "off").write_text("keep")
         extra = ["--max-memory", "1GB", "--offload-dir", str(tmp_path / "off")]
+    elif case == "offload-in-output":
+        extra = ["--max-memory", "1GB", "--offload-dir", str(tmp_path / "out" / "off")]
+    elif case == "output-in-offload":
+        extra = ["--max-memory", "1GB", "--offload-dir", str(tmp_path)]
     elif case == "parent-file":
         (tmp_path / "afile").write_text("keep")
         out = tmp_path / "afile" / "out"
@@ -333,53 +346,103 @@ def test_stale_temporaries_of_dead_runs_are_removed_on_the_next_start(
     out = tmp_path / "out"
     stale_out = tmp_path / f".out.tmp-{pid}-x1"
     stale_out.mkdir()
+    sio._write_first_marker(stale_out, "output")  # as every temporary folder of ours gets
     (stale_out / "model.safetensors").write_bytes(b"partial")
-    live = tmp_path / f".out.tmp-{os.getppid()}-x2"  # a writer that is still alive
+    live = tmp_path / f".out.tmp-{pid}-x2"  # a writer that is still alive (holds its lock)
     live.mkdir()
-    assert main(_argv(tiny_model_dirs["llama"], sample_text_file, out, shots="1")) == 0
+    sio._write_first_marker(live, "output")
+    fd = sio._held_dir(live)
+    try:
+        assert main(_argv(tiny_model_dirs["llama"], sample_text_file, out, shots="1")) == 0
+    finally:
+        os.close(fd)
     assert not stale_out.exists() and live.exists()
     # inside the output: a stale checkpoint temporary next to a real checkpoint
     ck = out / f".checkpoint.tmp-{pid}-x3"
     ck.mkdir()
+    sio._write_first_marker(ck, "checkpoint")
     assert sio.is_ours(out)  # stale leftovers of ours do not make it foreign
     assert main(_argv(tiny_model_dirs["llama"], sample_text_file, out, shots="1")) == 0
     assert not ck.exists()
 
 
+def _work_folder_of_a_killed_run(off: Path) -> Path:
+    """What a killed ``--max-memory`` run leaves: its marked work folder, lock released."""
+    w = sio.work_folder(off)
+    (w / "layers").mkdir()
+    os.close(sio._work_locks.pop(w))  # (the kill closes its descriptors)
+    return w
+
+
 def test_stale_offload_folders_of_dead_runs_are_removed(tiny_model_dirs, sample_text_file,
                                                         tmp_path, cache):
+    """Only our marked work folders, from this host, whose lock nobody holds; never a user's
+    folder, whatever its name (the review's ``run-2024-baseline``)."""
     off = tmp_path / "off"
-    dead = off / f"run-{_dead_pid()}-abc"
-    alive = off / f"run-{os.getppid()}-abc"
-    foreign = off / "mine"
-    for d in (dead, alive, foreign):
+    dead = _work_folder_of_a_killed_run(off)
+    alive = sio.work_folder(off)  # a live run holds its lock
+    other_host = _work_folder_of_a_killed_run(off)
+    marker = json.loads((other_host / sio.MARKER).read_text())
+    (other_host / sio.MARKER).write_text(json.dumps({**marker, "host": "elsewhere"}))
+    users = [off / "run-2024-baseline", off / f"run-{_dead_pid()}-abc", off / "mine",
+             off / sio.WORK / f"run-{_dead_pid()}-xyz"]  # no marker: not ours, even in there
+    for d in users:
         d.mkdir(parents=True)
+        (d / "results.csv").write_text("precious")
     argv = _argv(tiny_model_dirs["llama"], sample_text_file, tmp_path / "out", "--max-memory",
                  "1GB", "--offload-dir", str(off), shots="1")
-    assert main(argv) == 0
-    assert not dead.exists() and alive.exists() and foreign.exists()
-    assert sorted(p.name for p in off.iterdir()) == sorted([alive.name, "mine"])
+    try:
+        assert main(argv) == 0
+        assert not dead.exists() and alive.exists() and other_host.exists()
+    finally:
+        sio.remove_work_folder(alive)
+    for d in users:
+        assert (d / "results.csv").read_text() == "precious", d
 
 
-def test_sigterm_is_handled_like_ctrl_c(tiny_model_dirs, sample_text_file, tmp_path, cache):
-    """SIGTERM just before the checkpoint's rename: exit 130, no .checkpoint.tmp-* left, and
-    the checkpoint before it (none here: shot 1) or the output intact."""
+@pytest.mark.parametrize("scheme", ["exchange", "two-renames"])
+def test_sigterm_is_handled_like_ctrl_c(tiny_model_dirs, sample_text_file, tmp_path, cache,
+                                        monkeypatch, scheme):
+    """SIGTERM just before rename k, for every k, on a new and on an existing output: exit 130,
+    no temporary left beside or inside the output, and after the next start (``--resume``, or a
+    re-run) the new result. A signal that arrives while a replace runs waits until it is done:
+    the finished new result is never thrown away (the review's case: two renames, the signal
+    between them, on an existing output; the code before kept the old one or none)."""
+    if scheme == "two-renames":
+        monkeypatch.setenv("LLM_SURGEON_NO_EXCHANGE", "1")
+    from llm_surgeon.checkpoint import has_checkpoint
+
+    model, text = tiny_model_dirs["llama"], sample_text_file
+    old = tmp_path / "old"
+    assert main(_argv(model, text, old, sparsity="0.3", shots="1")) == 0
     out = tmp_path / "out"
-    argv = _argv(tiny_model_dirs["llama"], sample_text_file, out)
-    # renames: 1-2 the new output folder (marker, rename), 3-4 the first checkpoint, 5-6 the
-    # second (marker, rename), 7-8 the final save
-    for k in (2, 3, 4, 6, 8):
-        code = _forked(argv, {"LLM_SURGEON_KILL_AT_RENAME": str(k),
-                              "LLM_SURGEON_KILL_SIGNAL": "TERM"})
-        assert code == 130, (k, code)
-        assert not list(out.glob(".checkpoint.*")), k
-        assert sorted(p.name for p in tmp_path.iterdir()) == (["cache"] if k <= 2
-                                                              else ["cache", "out"]), k
-        if k > 4:  # the last checkpoint stays and resumes
-            assert main(["-q", "prune", "--resume", str(out)]) == 0
-            assert _report_target(out) == 0.5 and sio.is_ours(out)
-        if out.exists():
+    argv = _argv(model, text, out, shots="2")
+    for start in ("new-output", "existing-output"):
+        last = None
+        for k in range(1, 30):
+            if start == "existing-output":
+                shutil.copytree(old, out)
+            code = _forked(argv, {"LLM_SURGEON_KILL_AT_RENAME": str(k),
+                                  "LLM_SURGEON_KILL_SIGNAL": "TERM"})
+            if code == 0:
+                break
+            assert code == 130, (start, k, code)
+            assert sorted(p.name for p in tmp_path.iterdir() if p.name != "out") == [
+                "cache", "old"], (start, k)
+            assert not list(out.glob(".checkpoint.*")), (start, k)
+            last = _report_target(out) if (out / "report.json").exists() else None
+            if last is not None:
+                _assert_complete(out, (0.3, 0.5))
+            if has_checkpoint(out):  # the next start
+                assert main(["-q", "prune", "--resume", str(out)]) == 0, (start, k)
+            elif last != 0.5:
+                assert main(argv) == 0, (start, k)
+            assert _assert_complete(out, (0.5,)) == 0.5
             shutil.rmtree(out)
+        else:
+            pytest.fail("the run never finished")
+        shutil.rmtree(out)
+        assert last == 0.5, start  # the signal at the final replace: the new result is there
 
 
 # ---- 6. exclusive temporaries ----------------------------------------------------------------
@@ -499,9 +562,16 @@ def test_output_files_and_folders_are_fsynced_before_the_final_rename(
     out = tmp_path / "out"
     assert main(_argv(tiny_model_dirs["llama"], sample_text_file, out, shots="2")) == 0
     final = max(i for i, e in enumerate(events) if e == ("rename", str(out.resolve())))
-    synced_before = {Path(p).name for kind, p in events[:final] if kind == "fsync"}
-    for f in out.iterdir():
-        assert f.name in synced_before, f.name
+    # full paths relative to the folder that took the name (the final temporary), so that
+    # e.g. checkpoint/state.json is not counted for a state.json elsewhere
+    final_tmp = [p for kind, p in events[:final]
+                 if kind == "fsync" and Path(p).name.startswith(".out.tmp-")][-1]
+    synced_before = {Path(p).relative_to(final_tmp).as_posix() for kind, p in events[:final]
+                     if kind == "fsync" and Path(p).is_relative_to(final_tmp)}
+    written = [f.relative_to(out).as_posix() for f in out.rglob("*")]
+    assert written and "model.safetensors" in written
+    for rel in written:
+        assert rel in synced_before, rel
     # the parent folder after the rename
     assert ("fsync", str(tmp_path.resolve())) in events[final:]
     # the checkpoint too: its state was fsynced before it took its name

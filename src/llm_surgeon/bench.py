@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -56,6 +57,9 @@ def run_id(run: dict[str, Any]) -> str:
     return f"{run['method']}-{structure}{sp}-{run.get('shots', 1)}shots"
 
 
+_FLOAT_KEYS = {f.name for f in fields(PruneConfig) if str(f.type).startswith("float")}
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -73,7 +77,24 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not all(isinstance(r, dict) for r in config["runs"]):
         raise UserError(f"bench config {path}: every entry of 'runs' must be a mapping such as "
                         "{method: surgeon, sparsity: 0.5}")
+    for mapping in (config, *config["runs"]):
+        for key, value in mapping.items():
+            if key in _FLOAT_KEYS:
+                mapping[key] = yaml_float(value)
     return config
+
+
+def yaml_float(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string: a string that is a finite number becomes
+    that number; anything else is left for validation to refuse."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if math.isfinite(number):
+            return number
+    return value
 
 
 def matrix_from_flags(methods: str, structures: str, sparsities: str, shots: int,
@@ -147,6 +168,10 @@ def bench(
     # validate every run before spending minutes on the first, and before writing anything
     for run in runs:
         PruneConfig(**run).validate()
+    from llm_surgeon.io import check_bench_folder, ensure_output_folder
+
+    check_bench_folder(out)  # new, empty, or a bench folder we wrote: never a user's folder
+    ensure_output_folder(out, kind="bench")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     dense_path = out / "runs" / "dense.json"
     dense_ppl = _read_run(dense_path).get("ppl") if dense_path.is_file() else None

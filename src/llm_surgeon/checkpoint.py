@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from llm_surgeon.errors import UserError
-from llm_surgeon.io import atomic_folder, ensure_output_folder, recover
+from llm_surgeon.io import atomic_folder, ensure_output_folder, read_marker, recover
 from llm_surgeon.models.layouts import TargetLinear
 
 CHECKPOINT = "checkpoint"
@@ -33,10 +33,11 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
 
 def recover_output(out_dir: str | Path) -> None:
     """Finish or roll back a replace of the output folder or of its checkpoint that a kill
-    interrupted (see :func:`llm_surgeon.io.recover`), and drop stale temporaries."""
-    recover(out_dir)
-    if Path(out_dir).is_dir():
-        recover(checkpoint_dir(out_dir))
+    interrupted (see :func:`llm_surgeon.io.recover`), and drop stale temporaries: inside the
+    folder only once its marker says it is one of our outputs."""
+    recover(out_dir, "output")
+    if Path(out_dir).is_dir() and read_marker(out_dir, "output") is not None:
+        recover(checkpoint_dir(out_dir), "checkpoint")
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
@@ -81,6 +82,7 @@ def save_checkpoint(out_dir: str | Path, targets: list[TargetLinear], state: dic
         (tmp / "state.json").write_text(json.dumps(payload) + "\n")
 
 
+NOT_ACCEPTED = "recorded settings are no longer accepted: "
 _STATE_KEYS = {"version", "settings", "shots", "report", "phases", "rng"}
 _OPTIONAL_KEYS = {"counts"}  # streamed runs: (zeros, total) per linear
 _SHOT_KEYS = ("shot", "sparsity_target", "sparsity_achieved", "time_s")
@@ -102,6 +104,8 @@ def read_state(out_dir: str | Path) -> dict[str, Any]:
                         f"{VERSION}")
     problem = state_problem(state)
     if problem:
+        if problem.startswith(NOT_ACCEPTED):
+            raise UserError(f"--resume {out_dir}: the checkpoint's {problem}")
         raise UserError(f"--resume {out_dir}: checkpoint state is corrupt ({problem})")
     return state
 
@@ -121,11 +125,14 @@ def state_problem(state: dict[str, Any]) -> str | None:
     if not isinstance(settings, dict):
         return "settings are not a mapping"
     try:
-        PruneConfig(**settings).validate()
-    except TypeError as exc:
+        cfg = PruneConfig(**settings)
+        cfg.check_types()
+    except (TypeError, UserError) as exc:  # not a run's settings at all: tampered
         return f"settings: {exc}"
-    except UserError as exc:
-        return f"settings: {exc}"
+    try:
+        cfg.validate()
+    except UserError as exc:  # well-formed, valid when written, refused by today's checks
+        return f"{NOT_ACCEPTED}{exc}"
     if not isinstance(state["report"], dict):
         return "report is not a mapping"
     if not isinstance(state["phases"], dict) or not all(

@@ -482,23 +482,19 @@ def check_eval_args(args: argparse.Namespace) -> None:
 def check_prune_args(args: argparse.Namespace, cfg: Any) -> None:
     """Everything ``prune`` can check before loading a model (a few seconds at most): the
     settings, the device and dtype, the output folder, the offload folder."""
-    from llm_surgeon.io import check_output_folder, probe_writable
+    from llm_surgeon.io import check_creatable, check_output_path_usable
     from llm_surgeon.models.load import check_device, parse_dtype
 
     cfg.validate()
     check_device(cfg.device)
     parse_dtype(cfg.dtype)
-    check_output_folder(args.output)
+    check_output_path_usable(args.output)
     if cfg.offload_dir:
-        off = Path(cfg.offload_dir).expanduser()
-        if off.exists() and not off.is_dir():
-            raise UserError(f"--offload-dir {cfg.offload_dir} exists and is not a folder")
-        anchor = off
-        while not anchor.exists() and anchor != anchor.parent:
-            anchor = anchor.parent
-        if not anchor.is_dir():
-            raise UserError(f"--offload-dir {cfg.offload_dir}: {anchor} is not a folder")
-        probe_writable(anchor, "--offload-dir", off)
+        off = check_creatable(cfg.offload_dir, "--offload-dir").resolve()
+        out = Path(args.output).expanduser().resolve()
+        if off == out or out in off.parents or off in out.parents:
+            raise UserError(f"--offload-dir {cfg.offload_dir} is, holds or lies inside --output "
+                            f"{args.output}; keep the two apart")
 
 
 SHORTFALL = 0.01  # how far below the target a run may end without a warning
@@ -566,9 +562,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if args.resume:
         from llm_surgeon.driver import resume
-        from llm_surgeon.io import check_output_folder
+        from llm_surgeon.io import check_output_path_usable
 
-        check_output_folder(args.resume, "--resume")
+        check_output_path_usable(args.resume, "--resume")
         report = strip_private(resume(args.resume, progress=not args.quiet))
         args.output = args.resume
         _print_prune(report, args.output)
@@ -615,9 +611,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         curvature_pass=args.curvature_pass,
     )
     check_prune_args(args, cfg)
-    from llm_surgeon.driver import check_output_dir
+    from llm_surgeon.driver import check_output_replaceable
 
-    check_output_dir(Path(args.output), resuming=False)
+    check_output_replaceable(Path(args.output), resuming=False)
     report = strip_private(prune(cfg, progress=not args.quiet))
     _print_prune(report, args.output)
     return 0
@@ -648,17 +644,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         matrix_from_flags,
         summary_row,
     )
-    from llm_surgeon.io import probe_writable
+    from llm_surgeon.io import check_bench_folder
 
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {args.output} exists and is not a folder")
-    anchor = out
-    while not anchor.exists() and anchor != anchor.parent:
-        anchor = anchor.parent
-    if not anchor.is_dir():
-        raise UserError(f"--output {args.output}: {anchor} is not a folder")
-    probe_writable(anchor, "--output", out)
+    check_bench_folder(args.output)
     if args.config and args.methods:
         raise UserError("bench takes --config FILE or --methods ..., not both")
     if args.config:

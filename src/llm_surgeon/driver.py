@@ -37,7 +37,6 @@ import contextlib
 import json
 import math
 import platform
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -65,7 +64,7 @@ from llm_surgeon.errors import UserError
 from llm_surgeon.evaluate.perplexity import perplexity_from_nll, token_nll
 from llm_surgeon.evaluate.runner import check_seqlen, eval_windows_for
 from llm_surgeon.evaluate.size import peak_rss_mb, reset_peak_rss
-from llm_surgeon.io import check_replaceable, work_folder
+from llm_surgeon.io import check_replaceable, remove_work_folder, work_folder
 from llm_surgeon.layerwise import (
     at_layer,
     capture_layer_inputs,
@@ -888,8 +887,9 @@ def refuse_unsupported(cfg: PruneConfig) -> None:
                         "--lowrank-steps")
 
 
-def check_output_dir(out_dir: Path | None, resuming: bool) -> None:
-    """Refuse an ``--output`` that holds an unfinished run or something else than our output."""
+def check_output_replaceable(out_dir: Path | None, resuming: bool) -> None:
+    """Refuse an ``--output`` that holds an unfinished run or something else than our output
+    (whether the path can be written at all is :func:`llm_surgeon.io.check_output_path_usable`)."""
     if resuming or out_dir is None:
         return
     if has_checkpoint(out_dir):  # (finishes a replace that a kill interrupted, first)
@@ -1017,7 +1017,7 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
     distributed.init_from_env(cfg.device)  # a no-op unless launched by torchrun
     budget = parse_memory(cfg.max_memory) if cfg.max_memory else None
     out_dir = Path(cfg.output) if cfg.output else None
-    check_output_dir(out_dir, resuming=_resume is not None)
+    check_output_replaceable(out_dir, resuming=_resume is not None)
     torch.manual_seed(cfg.seed)
     timer = PhaseTimer()
     calib_text = load_text(cfg.calib_data, "train")
@@ -1049,7 +1049,7 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
         report["_model"] = store.handle()  # in-memory handle for callers (not serialised)
         return report
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work_folder(work)
 
 
 def _run(run: Run, windows: torch.Tensor, tokenizer: Any, eval_text: str | None,

@@ -14,6 +14,12 @@ the marker of our own outputs, and recovery of a replace that a kill interrupted
   the exchange is unavailable, two renames (``NAME`` → ``.NAME.old-PID``, temporary → ``NAME``)
   are used, and :func:`recover` finishes (or rolls back) a replace that a kill interrupted the
   next time the folder is used; it also removes stale temporaries of dead processes.
+  SIGINT/SIGTERM are held back while a replace runs.
+* **Strict ownership.** A leftover is ours only if it carries our marker (a temporary folder
+  gets one the moment it is created; a temporary file counts only inside one of our folders,
+  for a name that folder's marker lists), the marker names this host, and no live process
+  holds its lock (``flock``: a held lock means its writer is alive, in any PID namespace).
+  Names alone never make anything ours.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +45,49 @@ MARKER = ".llm-surgeon-output"
 TOOL = "llm-surgeon"
 MARKER_VERSION = 1
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+WORK = ".llm-surgeon-work"  # the folder of private work folders inside an --offload-dir
+LOCK = "lock"
+
+
+# ---- who we are, and locks that say a writer is alive ----------------------------------
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def owner() -> dict[str, Any]:
+    """What a marker records of its writer: host, PID, the process's start time."""
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "start_time": _start_time(os.getpid())}
+
+
+def _lock_shared(fd: int) -> None:
+    """Hold a shared lock on ``fd`` for as long as it stays open (a live writer); a file system
+    without locks gets none (its leftovers then look alive only by their host check)."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+def _unlocked(path: Path) -> bool:
+    """True only if nobody holds a lock on ``path`` (we could take it exclusively); any doubt
+    (no such file, no locks on this file system) says False: a live writer's files stay."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 # ---- renames (with the test hook) ----------------------------------------------------------
@@ -146,13 +197,14 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
         raise UserError(f"{path} is a folder; name a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
+    _lock_shared(fd)  # (a live writer's temporary: closed, hence released, after the rename)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        rename(tmp, path)
+            os.chmod(tmp, 0o666 & ~_umask())
+            rename(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -169,7 +221,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=path.suffix,
                                dir=path.parent)
-    os.close(fd)
+    _lock_shared(fd)  # held while the library writes through its own descriptor
     try:
         yield Path(tmp)
         fsync_file(tmp)
@@ -179,6 +231,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)
     fsync_dir(path.parent)
 
 
@@ -202,14 +256,30 @@ def _listing(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def write_marker(folder: str | Path, kind: str = "output") -> None:
-    """Record in ``folder`` that this tool wrote it, and which files it wrote."""
+def _marker_payload(kind: str, files: list[str], writing: bool = False) -> dict[str, Any]:
     from llm_surgeon import __version__
 
-    folder = Path(folder)
     payload = {"tool": TOOL, "version": __version__, "marker_version": MARKER_VERSION,
-               "kind": kind, "files": _listing(folder)}
+               "kind": kind, "files": files, **owner()}
+    if writing:
+        payload["writing"] = True
+    return payload
+
+
+def write_marker(folder: str | Path, kind: str = "output") -> None:
+    """Record in ``folder`` that this tool wrote it, and which files it wrote."""
+    folder = Path(folder)
+    payload = _marker_payload(kind, _listing(folder))
     atomic_write(folder / MARKER, json.dumps(payload, indent=1) + "\n")
+
+
+def _write_first_marker(folder: Path, kind: str) -> None:
+    """The marker of a temporary folder we just created (private, empty): written in place,
+    exclusively, before anything else, and saying the folder is still being written."""
+    payload = json.dumps(_marker_payload(kind, [], writing=True), indent=1) + "\n"
+    fd = os.open(folder / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(payload)
 
 
 def add_to_marker(folder: str | Path, paths: list[Path]) -> None:
@@ -229,7 +299,9 @@ def add_to_marker(folder: str | Path, paths: list[Path]) -> None:
     atomic_write(folder / MARKER, json.dumps(marker, indent=1) + "\n")
 
 
-def read_marker(folder: str | Path) -> dict[str, Any] | None:
+def read_marker(folder: str | Path, kind: str | None = None) -> dict[str, Any] | None:
+    """Our marker in ``folder`` (``None``: none, not ours, or, with ``kind``, of another
+    kind: an output is not a checkpoint, nor the bundled model's cache)."""
     path = Path(folder) / MARKER
     if not path.is_file() or path.is_symlink():
         return None
@@ -241,31 +313,64 @@ def read_marker(folder: str | Path) -> dict[str, Any] | None:
             or not isinstance(marker.get("files"), list)
             or not all(isinstance(f, str) for f in marker["files"])):
         return None
+    if kind is not None and marker.get("kind", "output") != kind:
+        return None
     return marker
 
 
-def foreign_files(folder: str | Path) -> list[str] | None:
-    """What in ``folder`` this tool did not write (``None``: no valid marker at all). A
-    sub-folder with its own marker is checked against that; stale leftovers of our own
-    interrupted writes count as ours."""
-    folder = Path(folder)
+def _our_leftover(entry: Path, kind: str | None = None,
+                  listed: set[str] | None = None) -> bool:
+    """Is ``entry`` a leftover of a dead writer of ours? A folder: it carries our marker (of
+    ``kind``), written on this host, and no live process holds it. A file: only inside one of
+    our folders (``listed``: its marker's names), a temporary of a name listed there, not held.
+    Its name alone never decides."""
+    m = _LEFTOVER.match(entry.name)
+    if not m or entry.is_symlink():
+        return False
+    if entry.is_dir():
+        marker = read_marker(entry, kind)
+        return (marker is not None and marker.get("host", socket.gethostname())
+                == socket.gethostname() and _unlocked(entry))
+    if not entry.is_file() or listed is None or m.group("kind") != "tmp":
+        return False
+    return (m.group("name") == MARKER or m.group("name") in listed) and _unlocked(entry)
+
+
+def _complete(folder: Path) -> bool:
     marker = read_marker(folder)
+    return marker is not None and not marker.get("writing")
+
+
+def foreign_files(folder: str | Path, kind: str | None = None) -> list[str] | None:
+    """What in ``folder`` this tool did not write (``None``: no valid marker at all, or one of
+    another ``kind``). Only ``checkpoint/`` with a checkpoint marker counts as a sub-folder of
+    ours; leftovers count as ours only if :func:`_our_leftover` says so."""
+    folder = Path(folder)
+    marker = read_marker(folder, kind)
     if marker is None:
         return None
     listed = set(marker["files"])
     foreign: list[str] = []
 
     def walk(d: Path, rel: str) -> None:
+        here = {f[len(rel):].rstrip("/") for f in listed if f.startswith(rel)}
+        here = {n for n in here if n and "/" not in n} | {MARKER}
         for entry in sorted(d.iterdir()):
             name = f"{rel}{entry.name}"
             if rel == "" and entry.name == MARKER:
                 continue
-            if _stale_leftover(entry.name):
+            m = _LEFTOVER.match(entry.name)
+            top_dir = rel == "" and entry.is_dir() and not entry.is_symlink()
+            if m and top_dir and m.group("name") == "checkpoint":
+                if _our_leftover(entry, "checkpoint"):
+                    continue
+            elif m and not entry.is_dir() and _our_leftover(entry, listed=here):
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                if read_marker(entry) is not None:
-                    foreign.extend(f"{name}/{f}" for f in foreign_files(entry) or [])
-                elif f"{name}/" in listed:
+            if top_dir and entry.name == "checkpoint" and \
+                    read_marker(entry, "checkpoint") is not None:
+                foreign.extend(f"{name}/{f}" for f in foreign_files(entry, "checkpoint") or [])
+            elif entry.is_dir() and not entry.is_symlink():
+                if f"{name}/" in listed:
                     walk(entry, f"{name}/")
                 else:
                     foreign.append(f"{name}/")
@@ -276,36 +381,21 @@ def foreign_files(folder: str | Path) -> list[str] | None:
     return foreign
 
 
-def is_ours(folder: str | Path) -> bool:
-    return foreign_files(folder) == []
+def is_ours(folder: str | Path, kind: str | None = None) -> bool:
+    return foreign_files(folder, kind) == []
 
 
 # ---- replacing a folder --------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # an earlier process with our number: we start clean
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stale_leftover(name: str) -> bool:
-    m = _LEFTOVER.match(name)
-    return bool(m) and not _pid_alive(int(m.group("pid")))
-
-
-def recover(target: str | Path) -> None:
+def recover(target: str | Path, kind: str | None = None) -> None:
     """Finish or roll back a replace of ``target`` that a kill interrupted, and remove stale
-    temporaries of ``target`` left by dead processes (never anything else).
+    temporaries of ``target`` left by dead writers (never anything else: only folders named
+    ``.NAME.tmp-*``/``.NAME.old-*`` that carry our marker of ``kind``, from this host, whose
+    lock nobody holds).
 
     * ``target`` missing, ``.NAME.old-PID`` present: the kill fell between the two renames;
-      a complete new version (``.NAME.tmp-PID-*`` holding its marker) takes the name, else
+      a complete new version (``.NAME.tmp-PID-*`` with a finished marker) takes the name, else
       the old one returns.
     * ``target`` missing, a complete temporary present: the first save was killed just before
       its rename; it takes the name.
@@ -318,14 +408,14 @@ def recover(target: str | Path) -> None:
     mine: dict[str, list[Path]] = {"tmp": [], "old": []}
     for entry in parent.iterdir():
         m = _LEFTOVER.match(entry.name)
-        if (m and m.group("name") == target.name and not _pid_alive(int(m.group("pid")))):
+        if m and m.group("name") == target.name and _our_leftover(entry, kind):
             mine[m.group("kind")].append(entry)
     if not mine["tmp"] and not mine["old"]:
         return
     if not target.exists() and not target.is_symlink():
-        complete = [p for p in mine["tmp"] if p.is_dir() and read_marker(p) is not None]
+        complete = [p for p in mine["tmp"] if _complete(p)]
         complete.sort(key=lambda p: p.stat().st_mtime)
-        olds = [p for p in mine["old"] if p.is_dir()]
+        olds = [p for p in mine["old"] if _complete(p)]
         if complete:  # finish: the newest complete version
             winner = complete[-1]
         elif olds:  # roll back
@@ -336,26 +426,26 @@ def recover(target: str | Path) -> None:
             fsync_tree(winner)
             rename(winner, target)
             fsync_dir(parent)
-    for kind in ("tmp", "old"):
-        for p in mine[kind]:
-            if p.exists() or p.is_symlink():
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        p.unlink()
+            mine["tmp" if winner in mine["tmp"] else "old"].remove(winner)
+    for kind_ in ("tmp", "old"):
+        for p in mine[kind_]:
+            shutil.rmtree(p, ignore_errors=True)
 
 
-def check_replaceable(target: str | Path, what: str) -> None:
-    """Refuse to replace ``target`` unless it is missing, empty, or one of our outputs
-    holding nothing but our files."""
+def check_replaceable(target: str | Path, what: str, kind: str = "output") -> None:
+    """Refuse to replace ``target`` unless it is missing, empty, or one of our outputs (of
+    ``kind``) holding nothing but our files."""
     target = Path(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise UserError(f"{what} {target} exists and is not a folder; choose a new folder")
-    if not target.exists() or all(_stale_leftover(p.name) for p in target.iterdir()):
+    if not target.exists() or not any(target.iterdir()):
         return
-    foreign = foreign_files(target)
+    foreign = foreign_files(target, kind)
     if foreign is None:
+        other = read_marker(target)
+        if other is not None:
+            raise UserError(f"{what} {target} is an llm-surgeon {other.get('kind')} folder, not "
+                            f"an {kind} folder; choose a new folder")
         raise UserError(
             f"{what} {target} exists and is not an llm-surgeon output (no {MARKER} marker; "
             "outputs of llm-surgeon 0.1.0 and older have none); choose a new folder, or move its "
@@ -367,72 +457,147 @@ def check_replaceable(target: str | Path, what: str) -> None:
                         "move them away or choose a new folder")
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM (delivered when the block ends): a replace, once begun,
+    always ends with one complete version under the name."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, ValueError, OSError):  # no such call here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _held_dir(path: Path) -> int | None:
+    """Open and lock (shared) a folder for the time a replace moves it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    _lock_shared(fd)
+    return fd
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Put the complete folder ``tmp`` in place of ``target`` (which may exist), so that
     ``target`` always names one complete version: one atomic exchange, else two renames that
-    :func:`recover` completes after a kill."""
+    :func:`recover` completes after a kill. SIGINT/SIGTERM wait until it is done."""
     tmp, target = Path(tmp), Path(target)
     fsync_tree(tmp)
-    if target.exists():
-        if exchange(tmp, target):
+    with signals_held():
+        if target.exists():
+            if exchange(tmp, target):
+                fsync_dir(target.parent)
+                shutil.rmtree(tmp, ignore_errors=True)  # now the old version
+                return
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            fd = _held_dir(target)  # the old version, locked while it is moved aside
+            try:
+                rename(target, old)
+                rename(tmp, target)
+                fsync_dir(target.parent)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            rename(tmp, target)
             fsync_dir(target.parent)
-            shutil.rmtree(tmp, ignore_errors=True)  # now the old version
-            return
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        rename(target, old)
-        rename(tmp, target)
-        fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        rename(tmp, target)
-        fsync_dir(target.parent)
 
 
 @contextlib.contextmanager
 def atomic_folder(target: str | Path, kind: str = "output") -> Iterator[Path]:
-    """Yield an exclusively created temporary sibling folder to fill; on success it gets our
-    marker, is fsynced and takes ``target``'s name (an existing ``target`` must be ours and is
-    replaced whole); on any error it is removed: ``target`` never appears half-written."""
+    """Yield an exclusively created temporary sibling folder to fill (marked as ours, being
+    written, and locked, from its first moment); on success it gets our final marker, is
+    fsynced and takes ``target``'s name (an existing ``target`` must be ours, of ``kind``, and
+    is replaced whole); on any error it is removed: ``target`` never appears half-written."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    recover(target)
-    check_replaceable(target, "output folder")
+    check_replaceable(target, "output folder", kind)  # ownership first, then recovery
+    recover(target, kind)
+    check_replaceable(target, "output folder", kind)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is ordinary
+    fd = _held_dir(tmp)  # alive while we hold it: another process leaves it alone
     try:
+        _write_first_marker(tmp, kind)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is ordinary
         yield tmp
         write_marker(tmp, kind)
         replace_dir(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        keep = False
+        if tmp.is_dir() and not target.exists() and _complete(tmp):
+            try:  # the complete new result and no other: it takes the name, never deleted
+                rename(tmp, target)
+                fsync_dir(target.parent)
+            except OSError:
+                keep = True  # (marked, complete: recover() puts it in place on the next start)
+        if tmp.is_dir() and not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
-def ensure_output_folder(folder: str | Path) -> None:
+def ensure_output_folder(folder: str | Path, kind: str = "output") -> None:
     """Create ``folder`` as one of our outputs (with an empty marker) if it does not exist."""
     folder = Path(folder)
     if folder.exists():
         if read_marker(folder) is None and not any(folder.iterdir()):
-            write_marker(folder)
+            write_marker(folder, kind)
         return
-    with atomic_folder(folder):  # a kill leaves no unmarked folder behind
+    with atomic_folder(folder, kind):  # a kill leaves no unmarked folder behind
         pass
 
 
 # ---- private work folders (offload) --------------------------------------------------------
 
+_work_locks: dict[Path, int] = {}
+
 
 def work_folder(root: str | Path, prefix: str = "run") -> Path:
-    """A fresh private folder ``root/PREFIX-PID-XXXX``; stale ones of dead processes (a killed
-    ``--max-memory`` run leaves a copy of the decoder layers there) are removed first."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-")
-    for entry in root.iterdir():
-        m = pattern.match(entry.name)
-        if m and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
+    """A fresh private folder ``root/.llm-surgeon-work/PREFIX-PID-XXXX`` marked as ours (host,
+    PID, start time) and holding a lock for the run's lifetime (release it with
+    :func:`remove_work_folder`). Stale ones (a killed ``--max-memory`` run leaves a copy of the
+    decoder layers there) are removed first: only folders under ``.llm-surgeon-work`` that carry
+    our work marker from this host and whose lock nobody holds; nothing else in ``root``."""
+    base = Path(root) / WORK
+    for _ in range(5):
+        base.mkdir(parents=True, exist_ok=True)
+        for entry in base.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                marker = read_marker(entry, "work")
+                if (marker is not None and marker.get("host") == socket.gethostname()
+                        and _unlocked(entry / LOCK)):
+                    shutil.rmtree(entry, ignore_errors=True)
+        try:
+            work = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=base))
+            break
+        except FileNotFoundError:  # another run removed the empty base meanwhile
+            continue
+    else:
+        raise UserError(f"--offload-dir {root}: cannot create a work folder in {base}")
+    fd = os.open(work / LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    _lock_shared(fd)
+    _work_locks[work] = fd
+    _write_first_marker(work, "work")
+    return work
+
+
+def remove_work_folder(work: str | Path) -> None:
+    """Remove a work folder of this run, release its lock, and the owned parent if empty."""
+    work = Path(work)
+    shutil.rmtree(work, ignore_errors=True)
+    fd = _work_locks.pop(work, None)
+    if fd is not None:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        work.parent.rmdir()  # only if empty (another run's folder keeps it)
 
 
 # ---- checking a path before any work ------------------------------------------------------
@@ -456,37 +621,54 @@ def probe_writable(folder: Path, what: str, path: Path) -> None:
     os.unlink(tmp)
 
 
-def check_output_folder(path: str | Path, what: str = "--output") -> None:
-    """Refuse, before any work, an output folder that cannot be written or replaced: the
-    current folder or one above it, a file, a folder not writable, one with foreign files."""
+def check_creatable(path: str | Path, what: str, folder: bool = True) -> Path:
+    """Refuse, before any work, a path that cannot be created or written: for a folder one
+    that exists as a file (or a symlink), for a file one that exists as a folder; then the
+    nearest existing folder above it must be a folder we can write in (probed). Returns the
+    path, ``~`` expanded."""
     raw = str(path)
     path = Path(path).expanduser()
+    if folder and (path.is_symlink() or (path.exists() and not path.is_dir())):
+        raise UserError(f"{what} {raw} exists and is not a folder; choose a new folder")
+    if not folder and path.is_dir():
+        raise UserError(f"{what} {raw} is a folder; name a file")
+    if folder and path.is_dir():
+        probe_writable(path, what, Path(raw))
+    anchor = _nearest_existing(path.resolve().parent)
+    if not anchor.is_dir():
+        raise UserError(f"{what} {raw}: {anchor} is not a folder")
+    probe_writable(anchor, what, Path(raw))
+    return path
+
+
+def check_output_path_usable(path: str | Path, what: str = "--output") -> None:
+    """Refuse, before any work, an output folder path that can never be written: the current
+    folder or one above it, a file, a folder not writable. (Whether an existing folder may be
+    *replaced* is :func:`check_replaceable`'s question.)"""
+    raw = str(path)
     try:
-        resolved = path.resolve()
+        resolved = Path(path).expanduser().resolve()
         cwd = Path.cwd().resolve()
     except OSError as exc:
         raise UserError(f"{what} {raw}: {exc.strerror}") from None
     if resolved == cwd or resolved in cwd.parents or resolved == resolved.parent:
         raise UserError(f"{what} {raw} is the current folder or one above it; name a new "
                         "folder such as ./out")
-    if path.exists() or path.is_symlink():
-        if not path.is_dir() or path.is_symlink():
-            raise UserError(f"{what} {raw} exists and is not a folder; choose a new folder")
-        probe_writable(path, what, Path(raw))
-    anchor = _nearest_existing(resolved.parent)
-    if not anchor.is_dir():
-        raise UserError(f"{what} {raw}: {anchor} is not a folder")
-    probe_writable(anchor, what, Path(raw))
+    check_creatable(path, what)
 
 
 def check_output_file(path: str | Path, what: str) -> None:
     """Refuse, before any work, a file path that cannot be written: a folder, a parent that is
     a file, a place not writable."""
-    raw = str(path)
+    check_creatable(path, what, folder=False)
+
+
+def check_bench_folder(path: str | Path) -> None:
+    """A bench ``--output``: a usable path (:func:`check_output_path_usable`) that is new,
+    empty, or a bench folder we wrote (its marker says so): a user's folder is never written
+    into."""
+    check_output_path_usable(path)
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise UserError(f"{what} {raw} is a folder; name a file")
-    anchor = _nearest_existing(path.resolve().parent)
-    if not anchor.is_dir():
-        raise UserError(f"{what} {raw}: {anchor} is not a folder")
-    probe_writable(anchor, what, Path(raw))
+    if path.is_dir() and any(path.iterdir()) and read_marker(path, "bench") is None:
+        raise UserError(f"--output {path} is not empty and is not an llm-surgeon bench folder "
+                        f"(no {MARKER} marker of kind bench); choose a new folder")

@@ -24,6 +24,7 @@ updates head counts that attention modules cache (``num_heads``, ``num_key_value
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from torch import nn
 from llm_surgeon.errors import UserError
 from llm_surgeon.models.layouts import ATTN_Q, Layout, layout_for
 from llm_surgeon.models.units import UnitGroup, unit_groups
+
+log = logging.getLogger(__name__)
 
 SIZES_KEY = "llm_surgeon_layer_sizes"
 # Attributes some attention / MLP modules cache at construction and use in forward.
@@ -226,10 +229,16 @@ def _checkpoint_names_to_model(model: Any, state: dict[str, torch.Tensor]) -> di
         from transformers.core_model_loading import WeightRenaming, rename_source_key
     except ImportError:  # an older transformers: names on disk are the modules' names
         return state
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    if not renamings:
+    try:  # private internals of transformers: any change of theirs means no renaming
+        renamings = [t for t in get_model_conversion_mapping(model)
+                     if isinstance(t, WeightRenaming)]
+        if not renamings:
+            return state
+        return {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
+    except (TypeError, AttributeError) as exc:
+        log.info("transformers' weight renaming is unavailable (%s: %s); loading the names "
+                 "as saved", type(exc).__name__, exc)
         return state
-    return {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
 
 
 def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> Any:

@@ -103,10 +103,27 @@ def _read_json(path: Path, kind: type) -> Any:
     return data
 
 
+def check_not_users(run_dir: Path) -> None:
+    """``summary.md`` and ``plots/*.png`` are (re)written only where they are ours: listed in
+    the folder's marker, or not there yet. A user's file of that name is refused, never
+    overwritten."""
+    from llm_surgeon.io import read_marker
+
+    marker = read_marker(run_dir)
+    listed = set(marker["files"]) if marker is not None else set()
+    existing = [run_dir / "summary.md", *sorted((run_dir / "plots").glob("*.png"))]
+    theirs = [p.relative_to(run_dir).as_posix() for p in existing
+              if (p.exists() or p.is_symlink()) and p.relative_to(run_dir).as_posix() not in listed]
+    if theirs:
+        raise UserError(f"{run_dir} already holds {', '.join(theirs[:3])}, not written by "
+                        "llm-surgeon; move it away (report will not overwrite it)")
+
+
 def write_summary(run_dir: str | Path) -> Path:
     from llm_surgeon.io import add_to_marker, atomic_write
 
     run_dir = Path(run_dir)
+    check_not_users(run_dir)
     try:
         if (run_dir / "report.json").is_file():
             report = _read_json(run_dir / "report.json", dict)
@@ -124,6 +141,7 @@ def write_summary(run_dir: str | Path) -> Path:
         what = "report.json" if (run_dir / "report.json").is_file() else "results.json"
         raise UserError(f"{run_dir / what} is incomplete or malformed ({type(exc).__name__}: "
                         f"{exc}); re-run the command that wrote it") from None
+    add_to_marker(run_dir, [run_dir / "summary.md"])  # first: its temporary is ours too
     out = atomic_write(run_dir / "summary.md", text)
     add_to_marker(run_dir, [out, *sorted((run_dir / "plots").glob("*.png"))])
     return out
