@@ -265,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=_D.max_correlate,
         help="surgeon: weights removed together in one correlated update (default: %(default)s)",
     )
+    hc = pr.add_argument_group("heads-channels shapes")
+    hc.add_argument(
+        "--channel-multiple", type=_positive_int, default=None, metavar="K",
+        help="every layer keeps a multiple of K MLP channels, at least K (default: 32, the "
+        "quantization block of llama.cpp's Q8_0/Q4_0; 256 for K-quants; 1: any width)",
+    )
+    hc.add_argument(
+        "--layer-sizes", choices=("global", "uniform"), default=_D.layer_sizes,
+        help="global: one threshold over all layers, per-layer sizes (load with llm_surgeon."
+        "load or export to GGUF); uniform: every layer loses the same number of KV groups and "
+        "channels, so plain transformers and any standard runtime load it (default: "
+        "%(default)s)",
+    )
     st = pr.add_argument_group("large models")
     st.add_argument(
         "--max-memory",
@@ -528,6 +541,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         time_plain_pass=args.time_plain_pass,
         max_memory=args.max_memory,
         offload_dir=args.offload_dir,
+        channel_multiple=args.channel_multiple,
+        layer_sizes=args.layer_sizes,
     )
     report = strip_private(prune(cfg, progress=not args.quiet))
     _print_prune(report, args.output)

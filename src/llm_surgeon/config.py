@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from llm_surgeon.errors import UserError
 
 FISHER_KINDS = ("empirical", "sampled")
+LAYER_SIZES = ("global", "uniform")
 
 
 @dataclass
@@ -49,6 +50,15 @@ class PruneConfig:
     time_plain_pass: bool = False
     max_memory: str | None = None  # e.g. "2GB": stream decoder layers from disk under it
     offload_dir: str | None = None  # where streamed layers and hidden states go (a cache)
+    # heads-channels: every layer keeps a multiple of this many MLP channels (None: 32, the
+    # quantization block of llama.cpp's Q8_0/Q4_0, where layers have >= 512 channels; else 1)
+    channel_multiple: int | None = None
+    layer_sizes: str = "global"  # heads-channels: "global" (per-layer sizes) | "uniform"
+
+    def unit_shape(self) -> tuple[int | None, bool]:
+        """(channel multiple or None for the default, uniform layer sizes) of a heads-channels
+        prune; see :func:`llm_surgeon.methods.threshold.default_channel_multiple`."""
+        return self.channel_multiple, self.layer_sizes == "uniform"
 
     def validate(self):
         from llm_surgeon.methods.base import parse_structure
@@ -79,6 +89,14 @@ class PruneConfig:
             parse_memory(self.max_memory)
         method = get_method(self.method)
         structure = parse_structure(self.structure)
+        if self.layer_sizes not in LAYER_SIZES:
+            raise UserError(f"--layer-sizes must be one of {', '.join(LAYER_SIZES)}")
+        if self.channel_multiple is not None and self.channel_multiple < 1:
+            raise UserError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
+        if structure.kind != "heads-channels" and (
+                self.layer_sizes != "global" or self.channel_multiple is not None):
+            raise UserError("--layer-sizes and --channel-multiple apply to --structure "
+                            "heads-channels only")
         if (
             structure.kind == "nm"
             and self.sparsity is not None
