@@ -5,9 +5,10 @@
 
 Needs the ``llamacpp`` extra (``make test`` installs it). Steps:
 
-1. the prunes of ``bench/llamacpp_prunes.py`` (LLM Surgeon heads-channels, 20 % / 5 shots and
-   30 % / 2 shots, 32 x 512 calibration tokens, default channel multiple 32; global and uniform
-   layer sizes), reused from ``out/bench-llamacpp/`` when finished;
+1. the prunes of ``bench/llamacpp_prunes.py`` (LLM Surgeon heads-channels, 30 % / 2 shots and
+   20 % / 1 shot, 32 x 512 calibration tokens, default channel multiple 32; global and uniform
+   layer sizes), reused from ``out/bench-llamacpp/`` when finished (``--finished-only``: only
+   those, for a partial table);
 2. every model (and the dense one) exported with ``llm-surgeon export`` to f32, f16 and q8_0
    GGUF (``out/bench-llamacpp/gguf/``); file sizes;
 3. perplexity in llama.cpp on the 64 x 512 evaluation windows of the bundled test text (the
@@ -131,7 +132,13 @@ def measure_speed(files: dict[str, dict[str, Path]], names: list[str]) -> dict:
 def main() -> None:
     from llm_surgeon.export.llamacpp import bytes_read_per_token, gguf_perplexity
 
-    folders = {name_of(s, ls): str(pruned_model(s, ls)) for s, ls in PLAN}
+    if "--finished-only" in sys.argv:  # only the prunes already made (a partial table)
+        from llamacpp_prunes import folder
+
+        plan = [(s, ls) for s, ls in PLAN if (folder(s, ls) / "report.json").is_file()]
+    else:
+        plan = PLAN
+    folders = {name_of(s, ls): str(pruned_model(s, ls)) for s, ls in plan}
     models = {"dense": DENSE, **folders}
     files = export_all(models)
     windows = eval_windows()
@@ -152,15 +159,16 @@ def main() -> None:
                                            files[name][t], windows))
                              for t in PPL_TYPES},
         }
-        pruned = [json.loads((Path(f) / "report.json").read_text()) for f in folders.values()]
-        row["ppl_pytorch"] = pruned[0]["ppl_dense"] if report is None else report["ppl"]
+        dense_ppl = json.loads((MODELS / "dense_ppl.json").read_text())["ppl"]
+        row["ppl_pytorch"] = dense_ppl if report is None else report["ppl"]
         if name.endswith("uniform"):
             row["plain_from_pretrained_max_abs_logit_diff"] = cached(
                 f"plain|{name}", lambda spec=spec: plain_load_diff(spec))
         rows.append(row)
     result: dict = {"rows": rows, "conditions": conditions()}
     if "--no-speed" not in sys.argv:
-        result["speed"] = measure_speed(files, ["dense", "hc20-global", "hc30-global"])
+        result["speed"] = measure_speed(
+            files, [n for n in ("dense", "hc20-global", "hc30-global") if n in files])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "results.md").write_text(markdown(result))
@@ -185,7 +193,7 @@ def markdown(r: dict) -> str:
         "The bundled SmolLM2-135M and its LLM Surgeon heads-channels prunes in llama.cpp "
         "(llama-cpp-python "
         f"{r['conditions']['llama_cpp_python']}, CPU). Prunes: 32 x 512 calibration tokens, "
-        "20 %: 5 shots, 30 %: 2 shots, every MLP width a multiple of 32 (the default). "
+        "30 %: 2 shots, 20 %: 1 shot, every MLP width a multiple of 32 (the default). "
         "Perplexity: the 64 x 512 evaluation windows of the bundled test text, llama.cpp fed "
         "the same token ids as our PyTorch evaluation (f32 KV cache). Regenerate: "
         "`.venv/bin/python bench/llamacpp.py`.",
@@ -225,9 +233,10 @@ def markdown(r: dict) -> str:
             ratio = d["bytes_per_token"][t] / rows["hc30-global"]["bytes_per_token"][t]
             for th in THREADS:
                 v = {n: s[f"{t}|{th}|{n}"]["median"]
-                     for n in ("dense", "hc20-global", "hc30-global")}
+                     for n in ("dense", "hc20-global", "hc30-global") if f"{t}|{th}|{n}" in s}
                 up = v["hc30-global"] / v["dense"]
-                lines.append(f"| {t} | {th} | {v['dense']:.1f} | {v['hc20-global']:.1f} | "
+                v20 = f"{v['hc20-global']:.1f}" if "hc20-global" in v else "–"
+                lines.append(f"| {t} | {th} | {v['dense']:.1f} | {v20} | "
                              f"{v['hc30-global']:.1f} | {up:.3f} | {ratio:.3f} | "
                              f"{up / ratio:.3f} |")
     return "\n".join(lines) + "\n"
