@@ -90,6 +90,25 @@ def eval_windows():
     return eval_windows_for(tok, "sotu", 512, 64, None).numpy()
 
 
+def pytorch_perplexity(spec: str, windows) -> float:
+    """Our PyTorch perplexity of a model on exactly these windows (for the llama.cpp check)."""
+    import torch
+
+    from llm_surgeon.evaluate.perplexity import evaluate_perplexity
+    from llm_surgeon.models.load import load_model
+
+    model, _ = load_model(spec, with_tokenizer=False)
+    return evaluate_perplexity(model, torch.from_numpy(windows), progress=False)["ppl"]
+
+
+def ppl_windows() -> int:
+    """``--ppl-windows N``: llama.cpp perplexity on the first N evaluation windows (default all
+    64); PyTorch is then measured on the same N as well."""
+    if "--ppl-windows" in sys.argv:
+        return int(sys.argv[sys.argv.index("--ppl-windows") + 1])
+    return 64
+
+
 def plain_load_diff(folder: str) -> float:
     """Max abs logit difference between plain ``from_pretrained`` and ``llm_surgeon.load``."""
     import torch
@@ -141,7 +160,8 @@ def main() -> None:
     folders = {name_of(s, ls): str(pruned_model(s, ls)) for s, ls in plan}
     models = {"dense": DENSE, **folders}
     files = export_all(models)
-    windows = eval_windows()
+    n_win = ppl_windows()
+    windows = eval_windows()[:n_win]
     rows = []
     for name, spec in models.items():
         report = json.loads((Path(spec) / "report.json").read_text()) if name != "dense" \
@@ -154,13 +174,16 @@ def main() -> None:
             "layer_sizes": None if report is None else report["shrink"]["layer_sizes"],
             "bytes": {t: files[name][t].stat().st_size for t in TYPES},
             "bytes_per_token": {t: bytes_read_per_token(files[name][t]) for t in TYPES},
-            "ppl_llamacpp": {t: cached(f"ppl|{name}|{t}",
+            "ppl_llamacpp": {t: cached(f"ppl{n_win}|{name}|{t}",
                                        lambda name=name, t=t: gguf_perplexity(
                                            files[name][t], windows))
                              for t in PPL_TYPES},
+            "ppl_windows": n_win,
         }
         dense_ppl = json.loads((MODELS / "dense_ppl.json").read_text())["ppl"]
-        row["ppl_pytorch"] = dense_ppl if report is None else report["ppl"]
+        row["ppl_pytorch_64"] = dense_ppl if report is None else report["ppl"]
+        row["ppl_pytorch"] = row["ppl_pytorch_64"] if n_win == 64 else cached(
+            f"ppl{n_win}|{name}|pytorch", lambda spec=spec: pytorch_perplexity(spec, windows))
         if name.endswith("uniform"):
             row["plain_from_pretrained_max_abs_logit_diff"] = cached(
                 f"plain|{name}", lambda spec=spec: plain_load_diff(spec))
@@ -198,9 +221,15 @@ def markdown(r: dict) -> str:
         "the same token ids as our PyTorch evaluation (f32 KV cache). Regenerate: "
         "`.venv/bin/python bench/llamacpp.py`.",
         "",
-        "| model | layer sizes | removed | f16 file (MB) | q8_0 file (MB) | ppl PyTorch | "
-        "ppl llama.cpp f32 | f32 vs PyTorch | ppl llama.cpp q8_0 | plain from_pretrained |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "",
+        f"Perplexity columns other than 'PyTorch, 64 windows' use the first "
+        f"{r['rows'][0]['ppl_windows']} of the 64 windows (llama.cpp and PyTorch on the same "
+        "ones).",
+        "",
+        "| model | layer sizes | removed | f16 file (MB) | q8_0 file (MB) | ppl PyTorch, 64 "
+        "windows | ppl PyTorch | ppl llama.cpp f32 | f32 vs PyTorch | ppl llama.cpp q8_0 | "
+        "plain from_pretrained |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         pt, f32 = row["ppl_pytorch"], row["ppl_llamacpp"]["f32"]
@@ -210,7 +239,8 @@ def markdown(r: dict) -> str:
         removed = "–" if got is None else f"{got:.4f}"
         lines.append(
             f"| {name} | {sizes} | {removed} | "
-            f"{row['bytes']['f16'] / mb:.1f} | {row['bytes']['q8_0'] / mb:.1f} | {pt:.2f} | "
+            f"{row['bytes']['f16'] / mb:.1f} | {row['bytes']['q8_0'] / mb:.1f} | "
+            f"{row['ppl_pytorch_64']:.2f} | {pt:.2f} | "
             f"{f32:.2f} | {100 * (f32 / pt - 1):+.2f} % | {row['ppl_llamacpp']['q8_0']:.2f} | "
             f"{'–' if plain is None else f'loads (max diff {plain:.1e})'} |")
     s = r.get("speed")

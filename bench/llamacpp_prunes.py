@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llm_surgeon.checkpoint import has_checkpoint
 from llm_surgeon.config import PruneConfig
-from llm_surgeon.run import prune
+from llm_surgeon.run import prune, resume
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "out" / "bench-llamacpp"
@@ -30,6 +31,9 @@ def pruned_model(sparsity: float, layer_sizes: str) -> Path:
     """Prune (once) and return the folder of one pruned model."""
     out = folder(sparsity, layer_sizes)
     if (out / "report.json").is_file():
+        return out
+    if has_checkpoint(out):  # a killed prune continues from its last shot
+        resume(out, progress=False)
         return out
     cfg = PruneConfig(method="surgeon", structure="heads-channels", sparsity=sparsity,
                       shots=SHOTS[sparsity], calib_samples=32, seqlen=512, eval_windows=64,

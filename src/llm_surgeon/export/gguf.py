@@ -298,6 +298,23 @@ def unaligned_tensors(model: Any, block: int) -> list[tuple[str, int]]:
             if t.ndim == 2 and t.shape[1] % block]
 
 
+@contextlib.contextmanager
+def quiet_fd(fd: int) -> Iterator[None]:
+    """Send the file descriptor ``fd`` (C-level output too) to /dev/null for the duration."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(null)
+
+
 def quantize(src: Path, dst: Path, qtype: str, threads: int = 0) -> None:
     """Quantize the GGUF ``src`` into ``dst`` with llama.cpp's own quantizer."""
     try:
@@ -312,8 +329,9 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 0) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
-                                        llama_cpp.byref(params))
+    with quiet_fd(2):  # llama.cpp logs every tensor to stderr; the return code says enough
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                            llama_cpp.byref(params))
     if rc != 0:
         raise UserError(f"llama.cpp could not quantize {src.name} to {qtype} (code {rc})")
 
