@@ -46,7 +46,7 @@ TYPES = ("f32", "f16", "q8_0")
 PPL_TYPES = ("f32", "q8_0")
 SPEED_TYPES = ("f16", "q8_0")
 THREADS = (1, 2)
-ROUNDS = 5
+ROUNDS = 3
 PROMPT, NEW_TOKENS = 64, 128
 
 
@@ -124,27 +124,31 @@ def plain_load_diff(folder: str) -> float:
 
 
 SPEED = """
-import sys
-from llm_surgeon.export.llamacpp import decode_speed
-print(decode_speed(sys.argv[1], list(range(100, 100 + int(sys.argv[2]))), int(sys.argv[3]),
-                   int(sys.argv[4])))
+import json, sys
+from llm_surgeon.export.llamacpp import paired_decode_speed
+paths = sys.argv[4:]
+print(json.dumps(paired_decode_speed(paths, list(range(100, 100 + int(sys.argv[1]))),
+                                     int(sys.argv[2]), int(sys.argv[3]))))
 """
 
 
 def measure_speed(files: dict[str, dict[str, Path]], names: list[str]) -> dict:
-    """Decode tok/s per (type, threads, model): medians over alternating rounds."""
+    """Decode tok/s per (type, threads, model): in each round a fresh process decodes with all
+    models in turn, one step each (:func:`~llm_surgeon.export.llamacpp.paired_decode_speed`,
+    the model order rotating between rounds); medians over the rounds."""
     runs: dict[str, list[float]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for _ in range(ROUNDS):
+    for r in range(ROUNDS):
+        order = names[r % len(names):] + names[: r % len(names)]
         for t in SPEED_TYPES:
             for th in THREADS:
-                for name in names:
-                    res = subprocess.run(
-                        [sys.executable, "-c", SPEED, str(files[name][t]), str(PROMPT),
-                         str(NEW_TOKENS), str(th)], capture_output=True, text=True, check=True,
-                        env=env)
-                    runs.setdefault(f"{t}|{th}|{name}", []).append(
-                        float(res.stdout.strip().splitlines()[-1]))
+                res = subprocess.run(
+                    [sys.executable, "-c", SPEED, str(PROMPT), str(NEW_TOKENS), str(th),
+                     *[str(files[n][t]) for n in order]], capture_output=True, text=True,
+                    check=True, env=env)
+                speeds = json.loads(res.stdout.strip().splitlines()[-1])
+                for n, v in zip(order, speeds, strict=True):
+                    runs.setdefault(f"{t}|{th}|{n}", []).append(v)
     return {k: {"median": statistics.median(v), "runs": v} for k, v in runs.items()}
 
 
@@ -189,9 +193,14 @@ def main() -> None:
                 f"plain|{name}", lambda spec=spec: plain_load_diff(spec))
         rows.append(row)
     result: dict = {"rows": rows, "conditions": conditions()}
-    if "--no-speed" not in sys.argv:
-        result["speed"] = measure_speed(
-            files, [n for n in ("dense", "hc20-global", "hc30-global") if n in files])
+    speed_names = [n for n in ("dense", "hc20-global", "hc30-global") if n in files]
+    key = "speed|" + ",".join(speed_names)
+    if "--no-speed" not in sys.argv:  # measured once per set of models (delete to remeasure)
+        result["speed"] = cached(key, lambda: {"conditions": conditions(),
+                                               **measure_speed(files, speed_names)})
+    elif (MODELS / "cache.json").is_file() and key in json.loads(
+            (MODELS / "cache.json").read_text()):
+        result["speed"] = cached(key, dict)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "results.md").write_text(markdown(result))
@@ -248,10 +257,12 @@ def markdown(r: dict) -> str:
         lines += [
             "",
             f"Decode speed (greedy, {PROMPT}-token prompt then {NEW_TOKENS} steps of one "
-            f"token, tok/s), dense and pruned side by side in one run: fresh process per "
-            f"measurement, {ROUNDS} rounds alternating models and thread counts, medians. "
+            f"token, tok/s), dense and pruned side by side in one run: in each of {ROUNDS} "
+            "rounds one fresh process runs one decode step of each model in turn (so all "
+            "see the same load), 1 / median step time; medians over the rounds. "
             f"Machine: {r['conditions']['cores']} cores ({r['conditions']['cpu']}), shared "
-            f"with other jobs (load average at start {r['conditions']['loadavg_at_start']}). "
+            f"with other jobs (load average at the start of the speed rounds "
+            f"{s['conditions']['loadavg_at_start']}, {s['conditions']['date_utc']} UTC). "
             "Bytes read per token: every decoder tensor + the output head (the tied embedding) "
             "+ one embedding row, from the GGUF tensor sizes.",
             "",

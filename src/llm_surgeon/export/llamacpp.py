@@ -112,3 +112,34 @@ def bytes_read_per_token(path: str | Path) -> int:
     blocks = sum(v for k, v in sizes.items() if k.startswith("blk."))
     head = sizes.get("output.weight", emb)
     return blocks + sizes.get("output_norm.weight", 0) + head + emb // vocab
+
+
+def paired_decode_speed(paths: list[str | Path], prompt: list[int], new_tokens: int,
+                        threads: int) -> list[float]:
+    """Decode tokens/s of several models measured step by step in turn, in one process: after
+    each model has evaluated the prompt, every step runs one greedy decode step of each model in
+    turn and times it; each model's figure is 1 / (median step time). Interleaving single steps
+    exposes every model to the same load on a shared machine, and the median ignores the steps
+    that a burst of other work slowed down."""
+    llama_cpp = _llama_cpp()
+    llms = [open_gguf(p, n_ctx=len(prompt) + new_tokens + 8, threads=threads) for p in paths]
+    try:
+        toks, times = [], [[] for _ in llms]
+        for llm in llms:
+            llm.eval(list(prompt))
+            toks.append(_argmax_last(llama_cpp, llm))
+        for _ in range(new_tokens):
+            for i, llm in enumerate(llms):
+                start = time.perf_counter()
+                llm.eval([toks[i]])
+                toks[i] = _argmax_last(llama_cpp, llm)
+                times[i].append(time.perf_counter() - start)
+        return [1.0 / float(np.median(t)) for t in times]
+    finally:
+        for llm in llms:
+            llm.close()
+
+
+def _argmax_last(llama_cpp: Any, llm: Any) -> int:
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))))
