@@ -280,6 +280,14 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {t} | {th} | {v['dense']:.1f} | {v20} | "
                              f"{v['hc30-global']:.1f} | {up:.3f} | {ratio:.3f} | "
                              f"{up / ratio:.3f} |")
+    missing = [n for s_, ls in PLAN if (n := name_of(s_, ls)) not in rows]
+    if missing:
+        lines += ["", f"Not in this table (prunes not run in the time this run had): "
+                  f"{', '.join(missing)}."]
+    if s:
+        lines += ["", "With 2 threads on this 2-core machine, shared with other jobs, llama.cpp's "
+                  "threads wait on each other and the 2-thread figures are not reliable; the "
+                  "1-thread ratios were stable across rounds (see results.json)."]
     return "\n".join(lines) + "\n"
 
 
