@@ -192,10 +192,12 @@ def run_unit_scoring(
     windows: torch.Tensor,
     batch_size: int = 1,
     progress: bool = True,
+    unit_shape: tuple[int | None, bool] = (1, False),
 ) -> None:
     """Remove coupled units chosen by one global ranking of ``method.unit_scores`` (lowest
     first) until ``sparsity`` of the decoder-linear parameters is gone; compensate every output
-    projection with ``method.compensate``; zero every removed unit's other rows."""
+    projection with ``method.compensate``; zero every removed unit's other rows.
+    ``unit_shape``: (channel multiple, uniform layer sizes), see :func:`rank_units`."""
     from llm_surgeon.curvature.kfac import collect_activations
 
     groups = unit_groups(model, targets)
@@ -211,19 +213,31 @@ def run_unit_scoring(
                            1.0 - sparsity)
         for g, p in zip(groups, outs, strict=True)
     ]
-    masks = rank_units(scores, groups, targets, sparsity)
+    masks = rank_units(scores, groups, targets, sparsity, unit_shape)
     for g, p, mask in zip(groups, outs, masks, strict=True):
         remove_scored_units(method, g, p, mask, H[p.target.name])
 
 
 def rank_units(scores: list[torch.Tensor], groups: list[Any], targets: list[TargetLinear],
-               sparsity: float) -> list[torch.Tensor]:
+               sparsity: float,
+               unit_shape: tuple[int | None, bool] = (1, False)) -> list[torch.Tensor]:
     """One ranking of all units by score (lowest first) until ``sparsity`` of the
-    decoder-linear weights and biases is gone; per group a bool mask of the chosen units."""
+    decoder-linear weights and biases is gone; per group a bool mask of the chosen units.
+    ``unit_shape`` = (channel multiple, uniform): see :func:`~llm_surgeon.methods.threshold.
+    select_shaped_units`."""
     total = sum(t.module.weight.numel() + (t.module.bias.numel() if t.has_bias else 0)
                 for t in targets)
-    return threshold.select_units(scores, [g.params_per_unit() for g in groups],
-                                  threshold.target_count(total, sparsity), per_param=False)
+    n_remove = threshold.target_count(total, sparsity)
+    sizes = [g.params_per_unit() for g in groups]
+    multiple = threshold.default_channel_multiple(
+        [g.count for g in groups if g.kind == "channels"], unit_shape[0])
+    uniform = unit_shape[1]
+    if multiple == 1 and not uniform:
+        return threshold.select_units(scores, sizes, n_remove, per_param=False)
+    return threshold.select_shaped_units(scores, sizes, [g.kind for g in groups],
+                                         [g.layer for g in groups], n_remove,
+                                         channel_multiple=multiple, uniform=uniform,
+                                         per_param=False)
 
 
 @torch.no_grad()

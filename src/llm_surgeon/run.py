@@ -212,18 +212,19 @@ def select_removals(
     total: int,
     method_allocation: Any = None,
     units: list[UnitGroup] | None = None,
+    unit_shape: tuple[int | None, bool] = (1, False),
 ) -> dict[str, Removal]:
     """One global threshold over every layer's candidates → each layer's removal.
 
     Methods whose costs share no scale across layers (``allocation == "layer"``, e.g. L-OBD:
     I ⊗ A is a layer-wise reconstruction error) apply the threshold within each layer instead,
     so that every layer loses the target fraction. ``units``: the coupled units of
-    heads-channels pruning.
+    heads-channels pruning; ``unit_shape``: (channel multiple, uniform layer sizes) of them.
     """
     if structure.kind == "heads-channels":
         assert units is not None
         layerwise = getattr(method_allocation, "allocation", "global") == "layer"
-        return _select_units(costs, units, total, target_sparsity, layerwise)
+        return _select_units(costs, units, total, target_sparsity, layerwise, unit_shape)
     if getattr(method_allocation, "allocation", "global") == "layer" and len(targets) > 1:
         removals: dict[str, Removal] = {}
 
@@ -245,28 +246,43 @@ def _select_units(
     total: int,
     target_sparsity: float,
     layerwise: bool,
+    unit_shape: tuple[int | None, bool] = (1, False),
 ) -> dict[str, Removal]:
     """Coupled units ranked by cost per parameter (globally, or within each decoder layer with
-    the remainder carried over), turned into each linear's rows and columns."""
+    the remainder carried over), turned into each linear's rows and columns. ``unit_shape`` =
+    (channel multiple, uniform): channels go in blocks that keep every layer's width a multiple,
+    and with uniform every layer loses the same counts (one global ranking, even for methods
+    with layer-wise allocation)."""
     unit_costs = [
         torch.stack([costs[p.target.name].units.double().cpu() for p in g.parts]).sum(0)
         for g in units
     ]
     sizes = [g.params_per_unit() for g in units]
-    if layerwise:
+    multiple = threshold.default_channel_multiple(
+        [g.count for g in units if g.kind == "channels"], unit_shape[0])
+    uniform = unit_shape[1]
+
+    def choose(ks: list[int], n_remove: int) -> list[torch.Tensor]:
+        if multiple == 1 and not uniform:
+            return threshold.select_units([unit_costs[k] for k in ks], [sizes[k] for k in ks],
+                                          n_remove)
+        return threshold.select_shaped_units(
+            [unit_costs[k] for k in ks], [sizes[k] for k in ks], [units[k].kind for k in ks],
+            [units[k].layer for k in ks], n_remove, channel_multiple=multiple, uniform=uniform)
+
+    if layerwise and not uniform:
         masks: list[torch.Tensor] = []
         seen = removed = 0
         for layer in sorted({g.layer for g in units}):
             ks = [k for k, g in enumerate(units) if g.layer == layer]
             seen += sum(units[k].params_per_unit() * units[k].count for k in ks)
             want = threshold.target_count(seen, target_sparsity) - removed
-            part = threshold.select_units([unit_costs[k] for k in ks], [sizes[k] for k in ks],
-                                          max(want, 0))
+            part = choose(ks, max(want, 0))
             masks.extend(part)
             removed += sum(int(m.sum()) * sizes[k] for k, m in zip(ks, part, strict=True))
     else:
         n_remove = threshold.target_count(total, target_sparsity)
-        masks = threshold.select_units(unit_costs, sizes, n_remove)
+        masks = choose(list(range(len(units))), n_remove)
     removals: dict[str, Removal] = {}
     for g, mask in zip(units, masks, strict=True):
         chosen = torch.nonzero(mask).reshape(-1)
@@ -351,7 +367,7 @@ def run_shot(
     with timer("threshold"):
         removals = select_removals(
             costs, targets, weights, structure, target_sparsity, total, method_allocation=method,
-            units=units,
+            units=units, unit_shape=cfg.unit_shape(),
         )
     del costs
     with timer("update"):
@@ -570,7 +586,7 @@ def prune(
 
             with timer("units"):
                 run_unit_scoring(model, targets, method, shot_target, windows,
-                                 cfg.batch_size, progress)
+                                 cfg.batch_size, progress, unit_shape=cfg.unit_shape())
         else:
             run_shot(
                 model, targets, method, structure, shot_target, windows, cfg, shot, timer,

@@ -334,7 +334,8 @@ def streamed_shot(model: nn.Module, store: LayerStore, targets: list[TargetLinea
     with timer("threshold"):
         if structure.kind in ("rows-columns", "heads-channels"):
             removals = select_removals(small, targets, meta, structure, target_sparsity, total,
-                                       method_allocation=method, units=units)
+                                       method_allocation=method, units=units,
+                                       unit_shape=cfg.unit_shape())
             removal_of = lambda t: removals[t.name]  # noqa: E731
         elif getattr(method, "allocation", "global") == "layer" and len(targets) > 1:
             def pick(t: TargetLinear, want: int) -> int:  # one layer's mask, to disk
@@ -454,7 +455,7 @@ def streamed_unit_scoring(model: nn.Module, store: LayerStore, targets: list[Tar
                     scores[k] = method.unit_scores(p.target.module.weight.detach(),
                                                    H[p.target.name], p.width, g.count,
                                                    1.0 - sparsity)
-    masks = rank_units(scores, groups, targets, sparsity)
+    masks = rank_units(scores, groups, targets, sparsity, cfg.unit_shape())
     counts: dict[str, tuple[int, int]] = {}
     for ell in tqdm(layers, desc=f"{method.name}: compensate", leave=False,
                     disable=not progress):
