@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# the llamacpp extra (llama-cpp-python compiles llama.cpp: cmake + a C++ compiler): tests only
+LLAMA_STAMP = $(VENV)/.installed-llamacpp
 PIP     = $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: install demo test lint bench clean-venv
@@ -28,7 +30,13 @@ demo: install
 		--sparsity 0.5 --shots 2 --calib-samples 16 --seqlen 512 --eval-windows 64 \
 		--output out/demo
 
-test: install
+# make demo needs no compiler; make test also builds llama.cpp (GGUF export checks), once:
+# pip caches the built wheel.
+$(LLAMA_STAMP): $(STAMP)
+	$(PIP) install -e ".[dev,llamacpp]"
+	touch $(LLAMA_STAMP)
+
+test: install $(LLAMA_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest -q
 
@@ -36,7 +44,7 @@ lint: install
 	$(BIN)/ruff check src tests bench
 
 # Every committed result under bench/ (hours on 2 cores; resumes where it stopped).
-bench: install
+bench: install $(LLAMA_STAMP)
 	bash bench/regenerate.sh
 
 clean-venv:

@@ -14,7 +14,8 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 if [[ "${1:-}" == "--fresh" ]]; then
   rm -rf bench/surgeon/runs bench/methods/runs bench/zeroshot/partial.json \
-         bench/llmcompressor/partial.json out/bench-shrink out/bench-streaming out/shot-curve
+         bench/llmcompressor/partial.json out/bench-shrink out/bench-streaming out/shot-curve \
+         out/bench-llamacpp
 fi
 
 # LLM Surgeon and its remove-only baselines (issue 3), the other methods (issue 5)
@@ -39,6 +40,9 @@ cp -r out/shot-curve/report.json out/shot-curve/summary.md out/shot-curve/plots 
 $BIN/python bench/shrink.py
 $BIN/python bench/zeroshot.py
 $BIN/python bench/streaming.py
+
+# the shrunk models in llama.cpp: GGUF export, perplexity, decode speed (issue 15)
+$BIN/python bench/llamacpp.py
 
 # llm-compressor's SparseGPT and Wanda next to ours (issue 5), in its own environment
 if [[ ! -x .venv-llmc/bin/python ]]; then

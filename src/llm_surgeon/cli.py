@@ -285,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=_D.max_correlate,
         help="surgeon: weights removed together in one correlated update (default: %(default)s)",
     )
+    hc = pr.add_argument_group("heads-channels shapes")
+    hc.add_argument(
+        "--channel-multiple", type=_positive_int, default=None, metavar="K",
+        help="every layer keeps a multiple of K MLP channels, at least K (default: 32, the "
+        "quantization block of llama.cpp's Q8_0/Q4_0; 256 for K-quants; 1: any width)",
+    )
+    hc.add_argument(
+        "--layer-sizes", choices=("global", "uniform"), default=_D.layer_sizes,
+        help="global: one threshold over all layers, per-layer sizes (load with llm_surgeon."
+        "load or export to GGUF); uniform: every layer loses the same number of KV groups and "
+        "channels, so plain transformers and any standard runtime load it (default: "
+        "%(default)s)",
+    )
     st = pr.add_argument_group("large models")
     st.add_argument(
         "--max-memory",
@@ -414,7 +427,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("run_dir", metavar="RUN_DIR", help="a prune --output or bench --output")
     rp.set_defaults(func=cmd_report)
+
+    ex = sub.add_parser(
+        "export",
+        help="write a (pruned) Llama-family model as GGUF for llama.cpp",
+        description="Export a model folder (dense, sparse, or physically shrunk with per-layer "
+        "sizes) or the bundled default to one GGUF file for llama.cpp. Layers of different "
+        "sizes are written as llama.cpp's 'deci' architecture. Quantized types use llama.cpp's "
+        "quantizer (pip install 'llm-surgeon[llamacpp]', which compiles llama.cpp).",
+    )
+    ex.add_argument("model", metavar="DIR", help="a prune --output folder, a Hugging Face "
+                    "folder, or the bundled default (smollm2-135m)")
+    ex.add_argument("--gguf", required=True, metavar="OUT.gguf", help="file to write")
+    ex.add_argument("--type", default="f16", metavar="TYPE",
+                    help="f32 | f16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k_m | q6_k | ... "
+                    "(default: %(default)s)")
+    ex.set_defaults(func=cmd_export)
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llm_surgeon.export.gguf import export_gguf
+
+    info = export_gguf(args.model, args.gguf, args.type)
+    print(f"wrote {args.gguf} ({info['architecture']}, {info['type']}, "
+          f"{info['bytes'] / 1e6:.1f} MB, {len(info['layers'])} layers)")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -609,6 +647,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         offload_dir=args.offload_dir,
         curvature_pass=args.curvature_pass,
+        channel_multiple=args.channel_multiple,
+        layer_sizes=args.layer_sizes,
     )
     check_prune_args(args, cfg)
     from llm_surgeon.driver import check_output_replaceable

@@ -10,8 +10,10 @@ from llm_surgeon.errors import UserError
 
 FISHER_KINDS = ("empirical", "sampled")
 CURVATURE_PASSES = ("sweep", "hooks")
+LAYER_SIZES = ("global", "uniform")
 MAX_SHOTS = 1000  # the paper uses 40; beyond this a run is a mistake, and each shot checkpoints
 MAX_SEED = 2**32 - 1
+MAX_CHANNEL_MULTIPLE = 65_536
 
 # Bounds of every number a run takes, inclusive: (smallest, largest). Floats must be finite.
 BOUNDS: dict[str, tuple[float, float]] = {
@@ -100,6 +102,15 @@ class PruneConfig:
     # K-FAC pass: "sweep" (layer by layer, one layer's factors in memory; any store) or "hooks"
     # (one whole-model backward per batch; every layer resident, every layer's sums at once)
     curvature_pass: str = "sweep"
+    # heads-channels: every layer keeps a multiple of this many MLP channels (None: 32, the
+    # quantization block of llama.cpp's Q8_0/Q4_0, where layers have >= 512 channels; else 1)
+    channel_multiple: int | None = None
+    layer_sizes: str = "global"  # heads-channels: "global" (per-layer sizes) | "uniform"
+
+    def unit_shape(self) -> tuple[int | None, bool]:
+        """(channel multiple or None for the default, uniform layer sizes) of a heads-channels
+        prune; see :func:`llm_surgeon.methods.threshold.default_channel_multiple`."""
+        return self.channel_multiple, self.layer_sizes == "uniform"
 
     def validate(self):
         from llm_surgeon.methods.base import parse_structure
@@ -124,6 +135,17 @@ class PruneConfig:
             parse_memory(self.max_memory)
         method = get_method(self.method)
         structure = parse_structure(self.structure)
+        if self.layer_sizes not in LAYER_SIZES:
+            raise UserError(f"--layer-sizes must be one of {', '.join(LAYER_SIZES)}")
+        k = self.channel_multiple
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                              or not 1 <= k <= MAX_CHANNEL_MULTIPLE):
+            raise UserError(f"--channel-multiple must be an integer in [1, "
+                            f"{MAX_CHANNEL_MULTIPLE}], got {k!r}")
+        if structure.kind != "heads-channels" and (
+                self.layer_sizes != "global" or self.channel_multiple is not None):
+            raise UserError("--layer-sizes and --channel-multiple apply to --structure "
+                            "heads-channels only")
         if (
             structure.kind == "nm"
             and self.sparsity is not None

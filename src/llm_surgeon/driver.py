@@ -193,7 +193,8 @@ def allocate_per_layer(targets: list[TargetLinear], numel: dict[str, int],
 def select_removals(costs: dict[str, Costs], targets: list[TargetLinear],
                     shapes: dict[str, torch.Size], structure: Structure, target_sparsity: float,
                     total: int, method_allocation: Any = None,
-                    units: list[UnitGroup] | None = None) -> dict[str, Removal]:
+                    units: list[UnitGroup] | None = None,
+                    unit_shape: tuple[int | None, bool] = (1, False)) -> dict[str, Removal]:
     """Removals from the small costs (rows and columns, coupled units), which stay in memory:
     one global threshold over every layer's candidates, or, for methods whose costs share no
     scale across layers (``allocation == "layer"``, e.g. L-OBD), one within each layer with the
@@ -201,7 +202,7 @@ def select_removals(costs: dict[str, Costs], targets: list[TargetLinear],
     layerwise = getattr(method_allocation, "allocation", "global") == "layer"
     if structure.kind == "heads-channels":
         assert units is not None
-        return _select_units(costs, units, total, target_sparsity, layerwise)
+        return _select_units(costs, units, total, target_sparsity, layerwise, unit_shape)
     assert structure.kind == "rows-columns"
 
     def rows_columns(names: list[str], n_remove: int) -> dict[str, Removal]:
@@ -224,28 +225,42 @@ def select_removals(costs: dict[str, Costs], targets: list[TargetLinear],
 
 
 def _select_units(costs: dict[str, Costs], units: list[UnitGroup], total: int,
-                  target_sparsity: float, layerwise: bool) -> dict[str, Removal]:
+                  target_sparsity: float, layerwise: bool,
+                  unit_shape: tuple[int | None, bool] = (1, False)) -> dict[str, Removal]:
     """Coupled units ranked by cost per parameter (globally, or within each decoder layer with
-    the remainder carried over), turned into each linear's rows and columns."""
+    the remainder carried over), turned into each linear's rows and columns. ``unit_shape`` =
+    (channel multiple, uniform): channels go in blocks that keep every layer's width a multiple,
+    and with uniform every layer loses the same counts (one global ranking, even for methods
+    with layer-wise allocation)."""
     unit_costs = [
         torch.stack([costs[p.target.name].units.double().cpu() for p in g.parts]).sum(0)
         for g in units
     ]
     sizes = [g.params_per_unit() for g in units]
-    if layerwise:
+    multiple = threshold.default_channel_multiple(
+        [g.count for g in units if g.kind == "channels"], unit_shape[0])
+    uniform = unit_shape[1]
+
+    def choose(ks: list[int], n_remove: int) -> list[torch.Tensor]:
+        if multiple == 1 and not uniform:
+            return threshold.select_units([unit_costs[k] for k in ks], [sizes[k] for k in ks],
+                                          n_remove)
+        return threshold.select_shaped_units(
+            [unit_costs[k] for k in ks], [sizes[k] for k in ks], [units[k].kind for k in ks],
+            [units[k].layer for k in ks], n_remove, channel_multiple=multiple, uniform=uniform)
+
+    if layerwise and not uniform:
         masks: list[torch.Tensor] = []
         seen = removed = 0
         for layer in sorted({g.layer for g in units}):
             ks = [k for k, g in enumerate(units) if g.layer == layer]
             seen += sum(units[k].params_per_unit() * units[k].count for k in ks)
             want = threshold.target_count(seen, target_sparsity) - removed
-            part = threshold.select_units([unit_costs[k] for k in ks], [sizes[k] for k in ks],
-                                          max(want, 0))
+            part = choose(ks, max(want, 0))
             masks.extend(part)
             removed += sum(int(m.sum()) * sizes[k] for k, m in zip(ks, part, strict=True))
     else:
-        masks = threshold.select_units(unit_costs, sizes,
-                                       threshold.target_count(total, target_sparsity))
+        masks = choose(list(range(len(units))), threshold.target_count(total, target_sparsity))
     removals: dict[str, Removal] = {}
     for g, mask in zip(units, masks, strict=True):
         chosen = torch.nonzero(mask).reshape(-1)
@@ -609,7 +624,8 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
     with timer("threshold"):
         if structure.kind in ("rows-columns", "heads-channels"):
             removals = select_removals(small, targets, shapes, structure, target_sparsity,
-                                       total, method_allocation=method, units=units)
+                                       total, method_allocation=method, units=units,
+                                       unit_shape=cfg.unit_shape())
             removal_of = lambda t: removals[t.name]  # noqa: E731
         else:
             def eligible(i: int) -> torch.Tensor:
@@ -720,7 +736,7 @@ def unit_scoring_pass(run: Run, sparsity: float, windows: torch.Tensor
                     scores[k] = method.unit_scores(p.target.module.weight.detach(),
                                                    H[p.target.name], p.width, g.count,
                                                    1.0 - sparsity)
-    masks = rank_units(scores, groups, targets, sparsity)
+    masks = rank_units(scores, groups, targets, sparsity, run.cfg.unit_shape())
     counts: dict[str, tuple[int, int]] = {}
     for ell in tqdm(range(len(store)), desc=f"{method.name}: compensate", leave=False,
                     disable=not run.progress):
@@ -1173,8 +1189,10 @@ def _run(run: Run, windows: torch.Tensor, tokenizer: Any, eval_text: str | None,
 
 
 def _memory_run(model: nn.Module, targets: list[TargetLinear], method: Any,
-                structure: Structure, batch_size: int, progress: bool, work: Path) -> Run:
-    cfg = PruneConfig(model="", batch_size=batch_size)
+                structure: Structure, batch_size: int, progress: bool, work: Path,
+                unit_shape: tuple[int | None, bool] = (1, False)) -> Run:
+    cfg = PruneConfig(model="", batch_size=batch_size, channel_multiple=unit_shape[0],
+                      layer_sizes="uniform" if unit_shape[1] else "global")
     return Run(model, MemoryLayers(model, next(model.parameters()).device), targets, cfg,
                method, structure, work, PhaseTimer(), progress)
 
@@ -1190,8 +1208,11 @@ def run_layerwise(model: Any, targets: list[TargetLinear], method: Any, structur
 
 
 def run_unit_scoring(model: Any, targets: list[TargetLinear], method: Any, sparsity: float,
-                     windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> None:
-    """Numerical pruning of an in-memory ``model`` in place (:func:`unit_scoring_pass`)."""
+                     windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
+                     unit_shape: tuple[int | None, bool] = (1, False)) -> None:
+    """Numerical pruning of an in-memory ``model`` in place (:func:`unit_scoring_pass`);
+    ``unit_shape``: (channel multiple, uniform layer sizes)."""
     with tempfile.TemporaryDirectory() as work:
         unit_scoring_pass(_memory_run(model, targets, method, Structure("heads-channels"),
-                                      batch_size, progress, Path(work)), sparsity, windows)
+                                      batch_size, progress, Path(work), unit_shape),
+                          sparsity, windows)

@@ -152,13 +152,25 @@ def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod, struc
 
 
 def rank_units(scores: list[torch.Tensor], groups: list[Any], targets: list[TargetLinear],
-               sparsity: float) -> list[torch.Tensor]:
+               sparsity: float,
+               unit_shape: tuple[int | None, bool] = (1, False)) -> list[torch.Tensor]:
     """One ranking of all units by score (lowest first) until ``sparsity`` of the
-    decoder-linear weights and biases is gone; per group a bool mask of the chosen units."""
+    decoder-linear weights and biases is gone; per group a bool mask of the chosen units.
+    ``unit_shape`` = (channel multiple, uniform): see :func:`~llm_surgeon.methods.threshold.
+    select_shaped_units`."""
     total = sum(t.module.weight.numel() + (t.module.bias.numel() if t.has_bias else 0)
                 for t in targets)
-    return threshold.select_units(scores, [g.params_per_unit() for g in groups],
-                                  threshold.target_count(total, sparsity), per_param=False)
+    n_remove = threshold.target_count(total, sparsity)
+    sizes = [g.params_per_unit() for g in groups]
+    multiple = threshold.default_channel_multiple(
+        [g.count for g in groups if g.kind == "channels"], unit_shape[0])
+    uniform = unit_shape[1]
+    if multiple == 1 and not uniform:
+        return threshold.select_units(scores, sizes, n_remove, per_param=False)
+    return threshold.select_shaped_units(scores, sizes, [g.kind for g in groups],
+                                         [g.layer for g in groups], n_remove,
+                                         channel_multiple=multiple, uniform=uniform,
+                                         per_param=False)
 
 
 @torch.no_grad()

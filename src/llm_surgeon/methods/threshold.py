@@ -549,3 +549,152 @@ def streamed_global_masks(load: Callable[[int], Tensor], n_layers: int,
         quotas.append(q)
         rem -= q
     return StreamedSelection(t, quotas, key_dtype)
+
+
+DEFAULT_CHANNEL_MULTIPLE = 32
+
+
+def default_channel_multiple(widths: Sequence[int], requested: int | None = None) -> int:
+    """The channel multiple of a heads-channels prune: ``requested`` if given, else 32 when
+    every layer has at least 16 · 32 = 512 MLP channels, else 1.
+
+    Why 32: it is the block of llama.cpp's Q8_0/Q4_0 (and Q5/Q4_1) quantization, so every MLP
+    tensor of the exported model quantizes (a width that is not a multiple of 32 stays f16), and
+    it keeps rows aligned for SIMD kernels (32 fp32 = 128 bytes); K-quants need 256
+    (``--channel-multiple 256``), too coarse a default for ~1.5k-channel layers. Below 512
+    channels (tiny test models) 32 would leave fewer than 16 steps per layer, so any width goes.
+    """
+    if requested is not None:
+        return int(requested)
+    if widths and min(widths) >= 16 * DEFAULT_CHANNEL_MULTIPLE:
+        return DEFAULT_CHANNEL_MULTIPLE
+    return 1
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One removable piece in :func:`select_shaped_units`: ``members[k]`` are the unit indices
+    it removes from group ``k``; ``cost`` and ``size`` (parameters) are summed over them."""
+
+    cost: float
+    size: int
+    members: dict[int, list[int]]
+
+
+def channel_blocks(costs: Tensor, multiple: int) -> list[list[int]]:
+    """Units of one group in removable blocks so that the kept count stays a multiple of
+    ``multiple`` (K) and never below K.
+
+    With n units and r = n mod K, the units sorted by cost (cheapest first, ties by index) are cut
+    into ⌊n/K⌋ blocks: the first holds r + K units, every other K; the last (most expensive) block
+    is never removable, so removing the first b blocks keeps ``n − r − b·K = (⌊n/K⌋ − b)·K`` units.
+    Returns the removable blocks (⌊n/K⌋ − 1 of them, none if n < 2K), each a list of unit
+    indices, in increasing cost. K = 1 gives one block per unit (all but the most expensive).
+    """
+    if multiple < 1:
+        raise ValueError(f"the channel multiple must be >= 1, got {multiple}")
+    c = costs.reshape(-1).double().cpu()
+    n = c.numel()
+    order = torch.argsort(c, stable=True).tolist()
+    n_blocks = n // multiple
+    r = n - n_blocks * multiple
+    blocks = []
+    start = 0
+    for b in range(n_blocks - 1):
+        end = start + multiple + (r if b == 0 else 0)
+        blocks.append(order[start:end])
+        start = end
+    return blocks
+
+
+def _candidates(costs: Sequence[Tensor], sizes: Sequence[int], kinds: Sequence[str],
+                layers: Sequence[int], channel_multiple: int,
+                uniform: bool) -> list[list[_Candidate]]:
+    """Per chain, its candidates in the order they must be taken (a prefix of each chain is
+    removed). A chain is one group (global allocation) or, with ``uniform``, all groups of one
+    kind: candidate j then removes the j-th cheapest block of *every* layer, so every layer loses
+    the same count (the cost of position j is the sum over layers of their j-th cheapest blocks'
+    costs)."""
+    chains: list[list[_Candidate]] = []
+    per_group: list[list[list[int]]] = []
+    for c, kind in zip(costs, kinds, strict=True):
+        per_group.append(channel_blocks(c, channel_multiple if kind == "channels" else 1))
+    flat = [c.reshape(-1).double().cpu() for c in costs]
+
+    def cand(parts: dict[int, list[int]]) -> _Candidate:
+        return _Candidate(sum(float(flat[k][idx].sum()) for k, idx in parts.items()),
+                          sum(sizes[k] * len(idx) for k, idx in parts.items()), parts)
+
+    if not uniform:
+        for k, blocks in enumerate(per_group):
+            chains.append([cand({k: b}) for b in blocks])
+        return chains
+    for kind in dict.fromkeys(kinds):
+        ks = [k for k, kd in enumerate(kinds) if kd == kind]
+        shapes = {(flat[k].numel(), sizes[k]) for k in ks}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"uniform layer sizes need every layer to start with the same {kind} count and "
+                f"size; found (count, parameters per unit) {sorted(shapes)}")
+        if len({layers[k] for k in ks}) != len(ks):
+            raise ValueError(f"two {kind} groups in one layer")
+        n_pos = len(per_group[ks[0]])
+        chains.append([cand({k: per_group[k][j] for k in ks}) for j in range(n_pos)])
+    return chains
+
+
+def select_shaped_units(
+    costs: Sequence[Tensor],
+    params_per_unit: Sequence[int],
+    kinds: Sequence[str],
+    layers: Sequence[int],
+    n_remove: int,
+    *,
+    channel_multiple: int = 1,
+    uniform: bool = False,
+    per_param: bool = True,
+) -> list[Tensor]:
+    """:func:`select_units` with hardware-friendly shapes.
+
+    ``kinds[k]`` ("heads" or "channels") and ``layers[k]`` describe group k. Channels are removed
+    in blocks (:func:`channel_blocks`) so that every layer keeps a multiple of
+    ``channel_multiple`` channels, at least one multiple. With ``uniform`` every layer loses the
+    same number of head groups and of channel blocks: position j of a kind (the j-th cheapest
+    block in each layer) is one candidate whose cost is the sum of those blocks' costs.
+
+    Candidates are taken in increasing ``cost / size`` (``per_param``) or ``cost``, each chain
+    (a group, or a kind with ``uniform``) strictly in its own order (a block is taken only after
+    the cheaper ones of its layer), while the removed parameters stay <= ``n_remove``; a chain
+    whose next candidate does not fit is closed. Returns one bool mask (True = remove) per group.
+    With ``channel_multiple=1`` and not ``uniform`` this equals :func:`select_units`.
+    """
+    import heapq
+
+    if not len(costs) == len(params_per_unit) == len(kinds) == len(layers):
+        raise ValueError("one size, kind and layer per group of costs")
+    for k, (c, s) in enumerate(zip(costs, params_per_unit, strict=True)):
+        if bool(torch.isnan(c).any()):
+            raise ValueError(f"group {k}: NaN in unit costs")
+        if s <= 0:
+            raise ValueError(f"group {k}: units need a positive size, got {s}")
+    chains = _candidates(costs, [int(s) for s in params_per_unit], kinds, layers,
+                         channel_multiple, uniform)
+    masks = [torch.zeros(c.numel(), dtype=torch.bool) for c in costs]
+
+    def key(c: _Candidate) -> float:
+        return c.cost / c.size if per_param else c.cost
+
+    heap = [(key(ch[0]), i, 0) for i, ch in enumerate(chains) if ch]
+    heapq.heapify(heap)
+    budget = int(n_remove)
+    while heap:
+        k, i, j = heapq.heappop(heap)
+        c = chains[i][j]
+        if k == float("inf") or c.size > budget:
+            continue  # this chain is closed
+        for g, idx in c.members.items():
+            masks[g][idx] = True
+        budget -= c.size
+        if j + 1 < len(chains[i]):
+            heapq.heappush(heap, (key(chains[i][j + 1]), i, j + 1))
+    return masks

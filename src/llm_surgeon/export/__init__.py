@@ -1,0 +1,1 @@
+"""Exports of (pruned) models to runtimes outside PyTorch."""
