@@ -365,6 +365,16 @@ def nearest_kronecker(
     return out
 
 
+def nkp_window_sums(D: torch.Tensor, A: torch.Tensor, G: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For per-window weight gradients D_n (shape (B, out, in)) and the current directions A, G:
+    (Σ_n D_n A D_nᵀ, Σ_n D_nᵀ G D_n, Σ_n tr(D_nᵀ G D_n A)), the sums of one power iteration
+    towards the Kronecker product nearest to Σ_n vec(D_n) vec(D_n)ᵀ."""
+    DA = D @ A
+    GD = G @ D
+    return (DA @ D.transpose(1, 2)).sum(0), (D.transpose(1, 2) @ GD).sum(0), (GD * DA).sum()
+
+
 def _nkp_pass(
     model: nn.Module,
     targets: list[TargetLinear],
@@ -389,11 +399,10 @@ def _nkp_pass(
             # one window per pass (some models, e.g. OPT's MLP, fold batch and time together)
             g2 = g.detach().to(dtype).reshape(-1, g.shape[-1])
             D = (g2.T @ a.reshape(-1, a.shape[-1]))[None]  # the window's weight gradient
-            DA = D @ A_dir[t.name]
-            GD = G_dir[t.name] @ D
-            g_acc[t.name] += (DA @ D.transpose(1, 2)).sum(0)
-            a_acc[t.name] += (D.transpose(1, 2) @ GD).sum(0)
-            sigma[t.name] += float((GD * DA).sum())
+            g_sum, a_sum, tr = nkp_window_sums(D, A_dir[t.name], G_dir[t.name])
+            g_acc[t.name] += g_sum
+            a_acc[t.name] += a_sum
+            sigma[t.name] += float(tr)
 
         def fwd(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             a = args[0].detach().to(dtype)
@@ -467,11 +476,10 @@ def nearest_kronecker_layer(
                 B = n_batch[0]
                 g2 = g.detach().to(dtype).reshape(B, -1, g.shape[-1])
                 D = g2.transpose(1, 2) @ a.reshape(B, -1, a.shape[-1])  # (B, out, in)
-                DA = D @ A_dir[t.name]
-                GD = G_dir[t.name] @ D
-                g_acc[t.name] += (DA @ D.transpose(1, 2)).sum(0)
-                a_acc[t.name] += (D.transpose(1, 2) @ GD).sum(0)
-                sigma[t.name] += (GD * DA).sum().double()
+                g_sum, a_sum, tr = nkp_window_sums(D, A_dir[t.name], G_dir[t.name])
+                g_acc[t.name] += g_sum
+                a_acc[t.name] += a_sum
+                sigma[t.name] += tr.double()
 
             def fwd(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
                 a = args[0].detach().to(dtype)
