@@ -253,7 +253,7 @@ def test_layerwise_feeds_each_layer_its_own_attention_type():
     global layer 1), so each H equals XᵀX of that linear's inputs in the final pruned model."""
     from llm_surgeon.driver import run_layerwise
     from llm_surgeon.layerwise import at_layer, capture_layer_inputs
-    from llm_surgeon.methods.base import Structure
+    from llm_surgeon.structures import Unstructured
     from tests.test_layerwise import Recorder
 
     model = zoo_model("gemma2", num_hidden_layers=3, sliding_window=4)
@@ -263,7 +263,7 @@ def test_layerwise_feeds_each_layer_its_own_attention_type():
     assert at_layer(kw, 2)["attention_mask"] is at_layer(kw, 0)["attention_mask"]
     rec = Recorder()
     targets = decoder_linears(model)
-    run_layerwise(model, targets, rec, Structure("unstructured"), 0.5, windows, batch_size=1,
+    run_layerwise(model, targets, rec, Unstructured(), 0.5, windows, batch_size=1,
                   progress=False)
     grams = {}
 

@@ -7,28 +7,29 @@ import pytest
 import torch
 
 from llm_surgeon.driver import prune, run_layerwise
-from llm_surgeon.methods.base import Structure
+from llm_surgeon.methods.base import LayerwiseMethod
 from llm_surgeon.methods.sparsegpt import SparseGPTMethod
 from llm_surgeon.methods.surgeon import check_nm
 from llm_surgeon.methods.wanda import WandaMethod
 from llm_surgeon.models.layouts import decoder_linears
+from llm_surgeon.structures import NM, Unstructured
 from tests.conftest import tiny_model
 from tests.test_prune import _cfg
 
 
-class Recorder:
+class Recorder(LayerwiseMethod):
     """Wanda that remembers the H it was given for every weight it pruned."""
 
     name = "recorder"
-    kind = "layerwise"
     structures = ("unstructured",)
 
     def __init__(self):
+        super().__init__()
         self.inner = WandaMethod()
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def prune_linear(self, W, H, structure, sparsity):
-        new = self.inner.prune_linear(W, H, structure, sparsity)
+    def prune_linear(self, W, H, sparsity, nm=None):
+        new = self.inner.prune_linear(W, H, sparsity, nm)
         self.seen.append((new.clone(), H.clone()))
         return new
 
@@ -42,7 +43,7 @@ def test_statistics_come_from_the_pruned_prefix(family):
     windows = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
     rec = Recorder()
     targets = decoder_linears(model)
-    run_layerwise(model, targets, rec, Structure("unstructured"), 0.5, windows, batch_size=2,
+    run_layerwise(model, targets, rec, Unstructured(), 0.5, windows, batch_size=2,
                   progress=False)
     grams = {}
 
@@ -86,9 +87,8 @@ def test_layerwise_sparsegpt_matches_direct_call_on_first_layer():
         ref(input_ids=windows, use_cache=False)
     h.remove()
     method = SparseGPTMethod()
-    run_layerwise(model, targets, method, Structure("nm", 2, 4), 0.5, windows, progress=False)
-    want = method.prune_linear(q_ref.weight.detach().float(), H[q_ref].float(),
-                               Structure("nm", 2, 4), 0.5)
+    run_layerwise(model, targets, method, NM(2, 4), 0.5, windows, progress=False)
+    want = method.prune_linear(q_ref.weight.detach().float(), H[q_ref].float(), 0.5, (2, 4))
     torch.testing.assert_close(targets[0].module.weight.detach(), want, rtol=1e-5, atol=1e-6)
     assert all(check_nm(t.module.weight.detach(), 2, 4) for t in targets)
 

@@ -498,24 +498,25 @@ def test_linear_schedule():
 def test_a_dead_layer_costs_nothing_and_is_zeroed_without_update():
     """G = 0 (no gradient reaches the outputs: every row removed earlier, or an underflow):
     the surgeon must not fail on the undampable factor; every removal is free."""
-    from llm_surgeon.methods.base import Curvature, Removal, Structure
+    from llm_surgeon.methods.base import Curvature, Removal
     from llm_surgeon.methods.surgeon import SurgeonMethod
+    from llm_surgeon.structures import RowsColumns, Unstructured
 
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(6, 5, generator=gen)
     X = torch.randn(20, 5, generator=gen)
     m = SurgeonMethod()
-    for structure in (Structure("unstructured"), Structure("rows-columns")):
+    for structure in (Unstructured(), RowsColumns()):
         curv = Curvature(A=X.T @ X / 20, G=torch.zeros(6, 6))
         m.prepare(curv, 0.1, 0.01, name="dead")
-        costs = m.costs(W, curv, structure)
+        costs = structure.costs(m, W, curv, None, None)
         for c in (costs.elements, costs.rows, costs.cols):
             assert c is None or bool((c == 0).all())
         mask = torch.rand(6, 5, generator=gen) < 0.5
-        removal = Removal(mask=mask) if structure.kind == "unstructured" else \
+        removal = Removal(mask=mask) if structure.name == "unstructured" else \
             Removal(rows=torch.tensor([1, 3]), cols=torch.tensor([0]))
-        new = m.apply(W, curv, removal, structure)
-        kept = ~mask if structure.kind == "unstructured" else None
+        new = m.apply(W, curv, removal)
+        kept = ~mask if structure.name == "unstructured" else None
         if kept is not None:
             assert torch.equal(new[kept], W[kept]) and bool((new[mask] == 0).all())
         else:

@@ -102,6 +102,7 @@ def matrix_from_flags(methods: str, structures: str, sparsities: str, shots: int
     """The config of ``bench --methods ... --structures ... --sparsities ...``: every method ×
     structure × level (N:M structures have one level). Layer-wise methods get one shot."""
     from llm_surgeon.methods.registry import get_method
+    from llm_surgeon.structures import parse_structure
 
     try:
         levels = [float(x) for x in sparsities.split(",") if x.strip()]
@@ -111,11 +112,11 @@ def matrix_from_flags(methods: str, structures: str, sparsities: str, shots: int
         raise UserError("--sparsities needs at least one number, e.g. 0.5 or 0.3,0.5")
     runs = []
     for method in (m.strip() for m in methods.split(",") if m.strip()):
-        one_pass = getattr(get_method(method), "kind", "global") != "global"
+        method_shots = get_method(method).shots(shots)
         for structure in (x.strip() for x in structures.split(",") if x.strip()):
-            for level in [None] if ":" in structure else levels:
-                run = {"method": method, "structure": structure,
-                       "shots": 1 if one_pass else shots}
+            fixed = parse_structure(structure).fixed_sparsity is not None
+            for level in [None] if fixed else levels:
+                run = {"method": method, "structure": structure, "shots": method_shots}
                 if level is not None:
                     run["sparsity"] = level
                 runs.append(run)

@@ -1,12 +1,18 @@
 """Every setting of a prune run, in one light dataclass (no torch import), so that the command
-line takes its defaults from here and the report records them verbatim."""
+line takes its defaults from here and the report records them verbatim.
+
+The run's own settings are declared here; each method's knobs are declared once, in its
+settings class (``settings.py``), and appear here as flat fields under their keys
+(``max_correlate``, ``maiht_mu``, ...), the names a bench YAML, a checkpoint and a report use.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 
 from llm_surgeon.errors import UserError
+from llm_surgeon.settings import declared_settings
 
 FISHER_KINDS = ("empirical", "sampled")
 CURVATURE_PASSES = ("sweep", "hooks")
@@ -23,19 +29,12 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "seed": (0, MAX_SEED),
     "eval_windows": (1, 1_000_000),
     "nearest_kronecker": (0, 1000),
-    "damp_g": (0.0, 1e6),
-    "damp_a": (0.0, 1e6),
-    "max_correlate": (1, 1_048_576),
     "batch_size": (1, 65_536),
-    "lowrank_rank": (0, 65_536),
-    "lowrank_steps": (0, 1_000_000),
-    "blocksize": (1, 1_048_576),
-    "percdamp": (0.0, 1e6),
-    "maiht_mu": (0.0, 1e12),
-    "maiht_iht_iters": (0, 1_000_000),
-    "maiht_refine_iters": (0, 1_000_000),
 }
-_OPEN_LOW = {"lowrank_lr": (0.0, 1e3), "maiht_step": (0.0, 1.0)}  # (low, high]
+_OPEN_LOW: dict[str, tuple[float, float]] = {}  # (low, high]
+for _key, _f in declared_settings().items():  # every method's settings, from settings.py
+    if _f.metadata["bounds"] is not None:
+        (_OPEN_LOW if _f.metadata["open_low"] else BOUNDS)[_key] = _f.metadata["bounds"]
 
 
 def flag(name: str) -> str:
@@ -62,8 +61,9 @@ def check_number(name: str, value: object) -> None:
 
 
 @dataclass
-class PruneConfig:
-    """Every setting of a prune run; recorded verbatim in the report."""
+class RunConfig:
+    """The run's own settings (what every method shares); :class:`PruneConfig` adds every
+    method's settings."""
 
     model: str = "smollm2-135m"
     method: str = "surgeon"
@@ -80,19 +80,7 @@ class PruneConfig:
     eval_every_shot: bool = False
     fisher: str = "empirical"
     nearest_kronecker: int = 0  # power iterations of the nearest-Kronecker estimate (0: K-FAC)
-    damp_g: float = 0.1
-    damp_a: float = 0.01
-    max_correlate: int = 256
     batch_size: int = 1
-    lowrank_rank: int = 0
-    lowrank_steps: int = 0
-    lowrank_lr: float = 1e-4
-    blocksize: int = 128  # SparseGPT lazy-update block
-    percdamp: float = 0.01  # SparseGPT relative damping of H = XᵀX
-    maiht_mu: float = 0.1
-    maiht_iht_iters: int = 50
-    maiht_refine_iters: int = 30
-    maiht_step: float = 0.95
     dtype: str = "float32"
     device: str = "cpu"
     output: str | None = None
@@ -112,9 +100,15 @@ class PruneConfig:
         prune; see :func:`llm_surgeon.methods.threshold.default_channel_multiple`."""
         return self.channel_multiple, self.layer_sizes == "uniform"
 
+    def target_sparsity(self) -> float:
+        """The run's target sparsity, resolved by its structure (None: 0.5; N:M: 1 - N/M)."""
+        from llm_surgeon.structures import parse_structure
+
+        return parse_structure(self.structure).target_sparsity(self.sparsity)
+
     def validate(self):
-        from llm_surgeon.methods.base import parse_structure
-        from llm_surgeon.methods.registry import get_method
+        from llm_surgeon.methods.registry import method_class
+        from llm_surgeon.structures import parse_structure
 
         self.check_types()
         if self.sparsity is not None and (not math.isfinite(self.sparsity)
@@ -133,7 +127,7 @@ class PruneConfig:
             from llm_surgeon.models.offload import parse_memory
 
             parse_memory(self.max_memory)
-        method = get_method(self.method)
+        method = method_class(self.method)
         structure = parse_structure(self.structure)
         if self.layer_sizes not in LAYER_SIZES:
             raise UserError(f"--layer-sizes must be one of {', '.join(LAYER_SIZES)}")
@@ -142,20 +136,9 @@ class PruneConfig:
                               or not 1 <= k <= MAX_CHANNEL_MULTIPLE):
             raise UserError(f"--channel-multiple must be an integer in [1, "
                             f"{MAX_CHANNEL_MULTIPLE}], got {k!r}")
-        if structure.kind != "heads-channels" and (
-                self.layer_sizes != "global" or self.channel_multiple is not None):
-            raise UserError("--layer-sizes and --channel-multiple apply to --structure "
-                            "heads-channels only")
-        if (
-            structure.kind == "nm"
-            and self.sparsity is not None
-            and not math.isclose(self.sparsity, structure.nm_sparsity)
-        ):
-            raise UserError(
-                f"--structure {structure} fixes the sparsity at {structure.nm_sparsity:g}; "
-                f"omit --sparsity or pass {structure.nm_sparsity:g}"
-            )
-        if structure.kind not in method.structures:
+        structure.check_unit_shape(self.channel_multiple, self.layer_sizes)
+        structure.target_sparsity(self.sparsity)
+        if structure.name not in method.structures:
             raise UserError(
                 f"method {self.method!r} does not support --structure {structure} "
                 f"(supports: {', '.join(method.structures)})"
@@ -184,3 +167,14 @@ class PruneConfig:
                     "int", "an integer").replace("float", "a number").replace("bool", "true/false")
                 raise UserError(f"setting {f.name} ({flag(f.name)}) must be {want}, got "
                                 f"{value!r}")
+
+
+PruneConfig = make_dataclass(
+    "PruneConfig",
+    [(key, f.type, field(default=f.default, metadata=f.metadata))
+     for key, f in declared_settings().items()],
+    bases=(RunConfig,),
+    namespace={"__doc__": "Every setting of a prune run (the run's own, then every method's "
+                          "settings under their flat keys); recorded verbatim in the report."},
+)
+PruneConfig.__module__ = __name__

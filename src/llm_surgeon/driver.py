@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import platform
 import tempfile
 import time
@@ -73,13 +72,13 @@ from llm_surgeon.layerwise import (
     remove_scored_units,
 )
 from llm_surgeon.methods import threshold
-from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure
+from llm_surgeon.methods.base import Costs, Curvature, Method, Passes
 from llm_surgeon.methods.registry import get_method
 from llm_surgeon.models.layouts import TargetLinear, decoder_linears
 from llm_surgeon.models.load import cache_dir, load_model, load_tokenizer
 from llm_surgeon.models.offload import parse_memory, release_free_memory, resident_bytes
-from llm_surgeon.models.shrink import _record_sizes, shrink_group
-from llm_surgeon.models.units import UnitGroup, remove_dead_units, unit_groups
+from llm_surgeon.models.units import unit_groups
+from llm_surgeon.settings import LowRankSettings
 from llm_surgeon.stores import (
     DiskLayers,
     DiskStates,
@@ -89,6 +88,7 @@ from llm_surgeon.stores import (
     States,
     WorkFiles,
 )
+from llm_surgeon.structures import HeadsChannels, ShotCosts, Structure
 
 Batch = dict[str, Any]  # the keyword arguments the model passes to its decoder layers
 OnEvent = Callable[..., None]  # on_event(name, **info): progress points (tests inject kills)
@@ -165,117 +165,16 @@ def check_finite(curv: dict[str, Curvature]) -> None:
                 )
 
 
-def prepare_curvature(method: Any, curv: Curvature, t: TargetLinear, cfg: PruneConfig) -> None:
-    """Let a method that needs them (the surgeon) damp and invert one layer's factors; an
-    unusable factor becomes a one-line error naming the layer."""
-    if not hasattr(method, "prepare"):
-        return
+def prepare_curvature(method: Any, curv: Curvature, t: TargetLinear) -> None:
+    """Let a method that needs them (the surgeon) damp and invert one layer's factors (with
+    its settings' damping); an unusable factor becomes a one-line error naming the layer."""
     try:
-        method.prepare(curv, cfg.damp_g, cfg.damp_a, name=t.name)
+        method.prepare(curv, name=t.name)
     except ValueError as exc:
         raise UserError(
             f"curvature of {t.name} is unusable ({exc}); try more "
             "damping (--damp-g/--damp-a) or more calibration data"
         ) from None
-
-
-def allocate_per_layer(targets: list[TargetLinear], numel: dict[str, int],
-                       target_sparsity: float, pick: Any) -> None:
-    """Each layer gets the target fraction; what a coarse layer (whole rows and columns)
-    cannot take exactly is carried over to the next, so the total stays on target.
-    ``pick(t, want)`` removes up to ``want`` candidates of ``t`` and returns how many went."""
-    seen = removed = 0
-    for t in targets:
-        seen += numel[t.name]
-        removed += pick(t, threshold.target_count(seen, target_sparsity) - removed)
-
-
-def select_removals(costs: dict[str, Costs], targets: list[TargetLinear],
-                    shapes: dict[str, torch.Size], structure: Structure, target_sparsity: float,
-                    total: int, method_allocation: Any = None,
-                    units: list[UnitGroup] | None = None,
-                    unit_shape: tuple[int | None, bool] = (1, False)) -> dict[str, Removal]:
-    """Removals from the small costs (rows and columns, coupled units), which stay in memory:
-    one global threshold over every layer's candidates, or, for methods whose costs share no
-    scale across layers (``allocation == "layer"``, e.g. L-OBD), one within each layer with the
-    remainder carried over."""
-    layerwise = getattr(method_allocation, "allocation", "global") == "layer"
-    if structure.kind == "heads-channels":
-        assert units is not None
-        return _select_units(costs, units, total, target_sparsity, layerwise, unit_shape)
-    assert structure.kind == "rows-columns"
-
-    def rows_columns(names: list[str], n_remove: int) -> dict[str, Removal]:
-        picked = threshold.select_rows_columns(
-            {k: (costs[k].rows, costs[k].cols) for k in names},
-            {k: tuple(shapes[k]) for k in names}, n_remove, per_param=True)
-        return {k: Removal(rows=r, cols=c) for k, (r, c) in picked.items()}
-
-    if layerwise and len(targets) > 1:
-        removals: dict[str, Removal] = {}
-
-        def pick(t: TargetLinear, want: int) -> int:
-            removals.update(rows_columns([t.name], want))
-            return _removed_count(removals[t.name], shapes[t.name])
-
-        allocate_per_layer(targets, {k: math.prod(s) for k, s in shapes.items()},
-                           target_sparsity, pick)
-        return removals
-    return rows_columns([t.name for t in targets], threshold.target_count(total, target_sparsity))
-
-
-def _select_units(costs: dict[str, Costs], units: list[UnitGroup], total: int,
-                  target_sparsity: float, layerwise: bool,
-                  unit_shape: tuple[int | None, bool] = (1, False)) -> dict[str, Removal]:
-    """Coupled units ranked by cost per parameter (globally, or within each decoder layer with
-    the remainder carried over), turned into each linear's rows and columns. ``unit_shape`` =
-    (channel multiple, uniform): channels go in blocks that keep every layer's width a multiple,
-    and with uniform every layer loses the same counts (one global ranking, even for methods
-    with layer-wise allocation)."""
-    unit_costs = [
-        torch.stack([costs[p.target.name].units.double().cpu() for p in g.parts]).sum(0)
-        for g in units
-    ]
-    sizes = [g.params_per_unit() for g in units]
-    multiple = threshold.default_channel_multiple(
-        [g.count for g in units if g.kind == "channels"], unit_shape[0])
-    uniform = unit_shape[1]
-
-    def choose(ks: list[int], n_remove: int) -> list[torch.Tensor]:
-        if multiple == 1 and not uniform:
-            return threshold.select_units([unit_costs[k] for k in ks], [sizes[k] for k in ks],
-                                          n_remove)
-        return threshold.select_shaped_units(
-            [unit_costs[k] for k in ks], [sizes[k] for k in ks], [units[k].kind for k in ks],
-            [units[k].layer for k in ks], n_remove, channel_multiple=multiple, uniform=uniform)
-
-    if layerwise and not uniform:
-        masks: list[torch.Tensor] = []
-        seen = removed = 0
-        for layer in sorted({g.layer for g in units}):
-            ks = [k for k, g in enumerate(units) if g.layer == layer]
-            seen += sum(units[k].params_per_unit() * units[k].count for k in ks)
-            want = threshold.target_count(seen, target_sparsity) - removed
-            part = choose(ks, max(want, 0))
-            masks.extend(part)
-            removed += sum(int(m.sum()) * sizes[k] for k, m in zip(ks, part, strict=True))
-    else:
-        masks = choose(list(range(len(units))), threshold.target_count(total, target_sparsity))
-    removals: dict[str, Removal] = {}
-    for g, mask in zip(units, masks, strict=True):
-        chosen = torch.nonzero(mask).reshape(-1)
-        for p in g.parts:
-            idx = p.indices(chosen)
-            removals[p.target.name] = Removal(rows=idx) if p.axis == "rows" else Removal(cols=idx)
-    return removals
-
-
-def _removed_count(removal: Removal, shape: torch.Size) -> int:
-    if removal.mask is not None:
-        return int(removal.mask.sum())
-    r = 0 if removal.rows is None else removal.rows.numel()
-    c = 0 if removal.cols is None else removal.cols.numel()
-    return r * shape[1] + c * shape[0] - r * c
 
 
 def _by_layer(targets: list[TargetLinear]) -> dict[int, list[TargetLinear]]:
@@ -300,7 +199,7 @@ class Run:
     store: Layers
     targets: list[TargetLinear]
     cfg: PruneConfig
-    method: Any
+    method: Method
     structure: Structure
     work: Path
     timer: PhaseTimer
@@ -541,8 +440,27 @@ def activation_sweep(run: Run, targets: list[TargetLinear], windows: torch.Tenso
         states.drop("h", len(run.store), b)
 
 
-def _curvature_of(run: Run, ell: int, kind: str, names: list[str]) -> dict[str, Curvature]:
-    if kind == "none" or not names:
+def kfac_pass(run: Run, windows: torch.Tensor, shot: int) -> None:
+    """K-FAC factors of every target for shot ``shot``, by ``--curvature-pass``."""
+    collect = kfac_hooks if run.cfg.curvature_pass == "hooks" else kfac_sweep
+    collect(run, windows, run.cfg.seed + shot, f"shot {shot}: curvature G⊗A")
+
+
+def activations_pass(run: Run, windows: torch.Tensor, shot: int) -> None:
+    """A = E[ā āᵀ] of every target for shot ``shot`` (one forward sweep)."""
+    activation_sweep(run, run.targets, windows, f"shot {shot}: activations A")
+
+
+# a global method's ``curvature`` -> the pass that writes its per-layer factors (None: none)
+CURVATURE_PASSES: dict[str, Callable[[Run, torch.Tensor, int], None] | None] = {
+    "none": None,
+    "activations": activations_pass,
+    "kfac": kfac_pass,
+}
+
+
+def _curvature_of(run: Run, ell: int, names: list[str]) -> dict[str, Curvature]:
+    if CURVATURE_PASSES[run.method.curvature] is None or not names:
         return {n: Curvature() for n in names}
     saved = WorkFiles(run.work / "shot", run.device).get(f"curv{ell}")
     run.emit("factors", layer=ell,
@@ -571,84 +489,50 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
     model, store, targets, method, structure, cfg, timer = (
         run.model, run.store, run.targets, run.method, run.structure, run.cfg, run.timer)
     work = WorkFiles(run.work / "shot", run.device)
-    kind = method.curvature
+    collect = CURVATURE_PASSES[method.curvature]
     with timer("curvature"):
-        if kind == "kfac" and cfg.curvature_pass == "hooks":
-            kfac_hooks(run, windows, cfg.seed + shot, f"shot {shot}: curvature G⊗A")
-        elif kind == "kfac":
-            kfac_sweep(run, windows, cfg.seed + shot, f"shot {shot}: curvature G⊗A")
-        elif kind == "activations":
-            activation_sweep(run, targets, windows, f"shot {shot}: activations A")
+        if collect is not None:
+            collect(run, windows, shot)
     by_layer = _by_layer(targets)
     index = {t.name: i for i, t in enumerate(targets)}
     shapes: dict[str, torch.Size] = {}
     small: dict[str, Costs] = {}  # rows and columns, units: a few numbers per layer, in memory
-    units = unit_groups(model, targets) if structure.kind == "heads-channels" else None
-    share = {p.target.name: (g, p) for g in units or [] for p in g.parts}
+    state = structure.shot_state(model, targets)
 
     with timer("costs"):
         for ell in tqdm(range(len(store)), desc=f"shot {shot}: costs", leave=False,
                         disable=not run.progress):
             mine = by_layer.get(ell, [])
-            curv = _curvature_of(run, ell, kind, [t.name for t in mine])
+            curv = _curvature_of(run, ell, [t.name for t in mine])
             prepared: dict[str, tuple] = {}
             with store.resident(ell):
                 for t in mine:
                     W = augmented_weight(t)
                     shapes[t.name] = W.shape
-                    if hasattr(method, "prepare"):
+                    if method.prepares:
                         # damped factors and their inverses, once: kept for the updates
-                        prepare_curvature(method, curv[t.name], t, cfg)
+                        prepare_curvature(method, curv[t.name], t)
                         c = curv[t.name]
                         prepared[t.name] = (c.A, c.G, c.Ainv, c.Ginv, c.flat)
-                    if units is not None:
-                        g, p = share[t.name]
-                        small[t.name] = Costs(units=p.unit_costs(method, W, curv[t.name],
-                                                                 g.count))
+                    c = structure.costs(method, W, curv[t.name], t, state)
+                    if structure.small_costs:
+                        small[t.name] = c
                     else:
-                        c = method.costs(W, curv[t.name], structure)
-                        if structure.kind == "rows-columns":
-                            small[t.name] = c
-                        else:
-                            work.put(f"cost{index[t.name]}", c.elements)
-                        del c
+                        work.put(f"cost{index[t.name]}", c.elements)
+                    del c
                     curv[t.name] = Curvature()
                     del W
             if prepared:
                 work.put(f"prep{ell}", prepared)
             del curv, prepared
     release_free_memory()
-    total = sum(math.prod(s) for s in shapes.values())
 
-    removal_of: Callable[[TargetLinear], Removal]
     with timer("threshold"):
-        if structure.kind in ("rows-columns", "heads-channels"):
-            removals = select_removals(small, targets, shapes, structure, target_sparsity,
-                                       total, method_allocation=method, units=units,
-                                       unit_shape=cfg.unit_shape())
-            removal_of = lambda t: removals[t.name]  # noqa: E731
-        else:
-            def eligible(i: int) -> torch.Tensor:
-                c = work.get(f"cost{i}")
-                if structure.kind == "nm":
-                    c = threshold.nm_eligible_costs(c, structure.n, structure.m,
-                                                    groupable=targets[i].module.in_features)
-                return c
-
-            if getattr(method, "allocation", "global") == "layer" and len(targets) > 1:
-                def pick(t: TargetLinear, want: int) -> int:  # one layer's mask, to disk
-                    mask = threshold.global_masks([eligible(index[t.name])], want)[0]
-                    work.put(f"mask{index[t.name]}", mask)
-                    return int(mask.sum())
-
-                allocate_per_layer(targets, {k: math.prod(v) for k, v in shapes.items()},
-                                   target_sparsity, pick)
-                removal_of = lambda t: Removal(mask=work.get(f"mask{index[t.name]}"))  # noqa: E731
-            else:
-                sel = threshold.streamed_global_masks(
-                    eligible, len(targets), threshold.target_count(total, target_sparsity))
-                removal_of = lambda t: Removal(  # noqa: E731
-                    mask=sel.mask(index[t.name], eligible(index[t.name])))
+        removal_of = structure.select(
+            ShotCosts(targets, shapes, small, elements=lambda i: work.get(f"cost{i}"),
+                      keep=lambda name, mask: work.put(f"mask{index[name]}", mask),
+                      kept=lambda name: work.get(f"mask{index[name]}"), state=state),
+            target_sparsity, method.allocation, cfg.unit_shape())
     release_free_memory()
     counts: dict[str, tuple[int, int]] = {}
     with timer("update"):
@@ -656,16 +540,16 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
                         disable=not run.progress):
             run.emit("update", shot=shot, layer=ell, layers=len(store))
             mine = by_layer.get(ell, [])
-            curv = _prepared_of(run, ell, [t.name for t in mine]) if hasattr(
-                method, "prepare") else _curvature_of(run, ell, kind, [t.name for t in mine])
+            names = [t.name for t in mine]
+            curv = (_prepared_of(run, ell, names) if method.prepares
+                    else _curvature_of(run, ell, names))
             with store.resident(ell, dirty=True):
                 for t in mine:
                     W = augmented_weight(t)
-                    write_augmented(t, method.apply(W, curv[t.name], removal_of(t), structure))
+                    write_augmented(t, method.apply(W, curv[t.name], removal_of(t)))
                     curv[t.name] = Curvature()
                     del W
-                if units is not None:  # rows whose downstream column is gone go too
-                    remove_dead_units([g for g in units if g.layer == ell])
+                structure.after_update(state, ell)
                 for t in mine:
                     counts[t.name] = layer_sparsity(t)
             del curv
@@ -692,7 +576,7 @@ def layerwise_pass(run: Run, sparsity: float, windows: torch.Tensor
                     for b, kw in enumerate(kwargs):
                         layer(states.load("h", ell, b), **at_layer(kw, ell))
 
-                prune_layer_linears(mine, run.method, run.structure, sparsity, run_all)
+                prune_layer_linears(mine, run.method, run.structure.nm, sparsity, run_all)
                 for b, kw in enumerate(kwargs):
                     out = layer(states.load("h", ell, b), **at_layer(kw, ell))
                     states.save("h", ell + 1, b, _layer_out(out))
@@ -775,27 +659,6 @@ def sync_weights(run: Run) -> None:
                 distributed.broadcast_(t.module.weight.data)
                 if t.module.bias is not None:
                     distributed.broadcast_(t.module.bias.data)
-
-
-def shrink(run: Run) -> dict[str, Any]:
-    """Dead units leave the module shapes one layer at a time (each smaller layer written
-    back); the config records every layer's sizes. Returns the shrink summary."""
-    model, store = run.model, run.store
-
-    def n_params() -> int:
-        return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-    before = n_params()
-    removed = {"heads": 0, "channels": 0}
-    for ell in range(len(store)):
-        with store.resident(ell, dirty=True):
-            for g in unit_groups(model, [t for t in decoder_linears(model)
-                                         if t.layer_index == ell]):
-                removed[g.kind] += shrink_group(model, g, store.layout)
-    sizes = _record_sizes(model, store.layout)
-    return {"params_before": before, "params_after": n_params(),
-            "kv_groups_removed": removed["heads"], "channels_removed": removed["channels"],
-            "layer_sizes": sizes}
 
 
 @torch.no_grad()
@@ -916,32 +779,20 @@ def check_output_replaceable(out_dir: Path | None, resuming: bool) -> None:
     check_replaceable(out_dir, "--output")
 
 
-def check_nm_widths(targets: list[TargetLinear], structure: Structure) -> None:
-    """N:M needs M to divide every targeted linear's input width."""
-    if structure.kind != "nm":
-        return
-    for t in targets:
-        if t.module.in_features % structure.m:
-            raise UserError(
-                f"--structure {structure}: M={structure.m} does not divide the "
-                f"input width {t.module.in_features} of {t.name}"
-            )
-
-
 def calibration_set(tokenizer: Any, text: str, cfg: PruneConfig) -> torch.Tensor:
     """The run's seeded calibration windows (tokens cached on disk)."""
     ids = tokenize(tokenizer, text, cache=cache_dir() / "tokens")
     return calibration_windows(ids, cfg.calib_samples, cfg.seqlen, seed=cfg.seed)
 
 
-def report_header(cfg: PruneConfig, structure: Structure) -> dict[str, Any]:
-    """The first fields of every report: method, structure, target, settings, environment."""
+def report_header(cfg: PruneConfig, structure: Structure, target: float) -> dict[str, Any]:
+    """The first fields of every report: method, structure, target (resolved by the
+    structure: :meth:`~llm_surgeon.structures.Structure.target_sparsity`), settings,
+    environment."""
     return {
         "method": cfg.method,
         "structure": str(structure),
-        "sparsity_target": structure.nm_sparsity
-        if structure.kind == "nm"
-        else (0.5 if cfg.sparsity is None else cfg.sparsity),
+        "sparsity_target": target,
         "settings": asdict(cfg),
         "environment": {
             "torch": torch.__version__,
@@ -966,20 +817,6 @@ def layer_report_from_counts(
         acc[0] += z
         acc[1] += n
     return layers, {k: z / n for k, (z, n) in by_type.items()}
-
-
-def shrink_report(summary: dict[str, Any], linear_before: int, linear_after: int
-                  ) -> dict[str, Any]:
-    """The report's ``shrink`` entry from a shrink summary and the decoder-linear counts."""
-    return {
-        "params_total_before": summary["params_before"],
-        "params_total_after": summary["params_after"],
-        "params_decoder_linear_before": linear_before,
-        "params_decoder_linear_after": linear_after,
-        "kv_groups_removed": summary["kv_groups_removed"],
-        "channels_removed": summary["channels_removed"],
-        "layer_sizes": summary["layer_sizes"],
-    }
 
 
 def strip_private(report: dict[str, Any]) -> dict[str, Any]:
@@ -1029,6 +866,7 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
     """
     structure = cfg.validate()
     method = get_method(cfg.method, cfg)
+    target = structure.target_sparsity(cfg.sparsity)
     refuse_unsupported(cfg)
     distributed.init_from_env(cfg.device)  # a no-op unless launched by torchrun
     budget = parse_memory(cfg.max_memory) if cfg.max_memory else None
@@ -1053,12 +891,17 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
                 f" MiB, a decoder layer {store.layer_bytes() / 2**20:.0f} MiB, its curvature); "
                 "raise it"
             )
-        check_nm_widths(targets, structure)
+        structure.check_widths(targets)
         windows = calibration_set(tokenizer, calib_text, cfg)
         run = Run(model, store, targets, cfg, method, structure, work, timer, progress,
                   on_event)
-        report = _run(run, windows, tokenizer, eval_text, budget, need, dense_ppl, _resume,
-                      out_dir)
+
+        def eval_set() -> torch.Tensor:
+            return eval_windows_for(tokenizer, cfg.eval_data, cfg.seqlen, cfg.eval_windows,
+                                    eval_text)
+
+        report = run_passes(run, target, windows, eval_set, budget, need, dense_ppl, _resume,
+                            out_dir)
         if out_dir is not None and distributed.is_main():
             store.save(tokenizer, out_dir,
                        extra_files={"report.json": json.dumps(report, indent=2) + "\n"})
@@ -1068,9 +911,14 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
         remove_work_folder(work)
 
 
-def _run(run: Run, windows: torch.Tensor, tokenizer: Any, eval_text: str | None,
-         budget: int | None, need: int, dense_ppl: float | None,
-         resumed: dict[str, Any] | None, out_dir: Path | None) -> dict[str, Any]:
+def run_passes(run: Run, target: float, windows: torch.Tensor,
+               eval_set: Callable[[], torch.Tensor], budget: int | None, need: int,
+               dense_ppl: float | None, resumed: dict[str, Any] | None,
+               out_dir: Path | None) -> dict[str, Any]:
+    """The shots of ``run`` up to ``target`` sparsity on the calibration ``windows``, the
+    structure's finishing step and the perplexities (``eval_set()``: the evaluation windows,
+    made on first use); checkpoints to ``out_dir`` after every shot but the last. Returns the
+    report."""
     cfg, store, timer, structure = run.cfg, run.store, run.timer, run.structure
     eval_windows: torch.Tensor | None = None
 
@@ -1080,11 +928,10 @@ def _run(run: Run, windows: torch.Tensor, tokenizer: Any, eval_text: str | None,
             return None
         with timer("eval"):
             if eval_windows is None:
-                eval_windows = eval_windows_for(tokenizer, cfg.eval_data, cfg.seqlen,
-                                                cfg.eval_windows, eval_text)
+                eval_windows = eval_set()
             return perplexity(run, eval_windows, desc)["ppl"]
 
-    report = report_header(cfg, structure)
+    report = report_header(cfg, structure, target)
     report["store"] = {
         "kind": "memory" if store.all_resident else "disk",
         "max_memory_bytes": budget,
@@ -1108,10 +955,9 @@ def _run(run: Run, windows: torch.Tensor, tokenizer: Any, eval_text: str | None,
                                else evaluate("dense perplexity"))
         if cfg.time_plain_pass:
             report["plain_fwd_bwd_s"] = plain_pass_time(run, windows)
-    target = report["sparsity_target"]
     # layer-wise methods (SparseGPT, Wanda, mAIHT) and Numerical pruning prune in one pass
-    kind = getattr(run.method, "kind", "global")
-    n_shots = 1 if kind in ("layerwise", "units") else cfg.shots
+    n_shots = run.method.shots(cfg.shots)
+    lowrank = LowRankSettings.from_record(vars(cfg))
     start = time.perf_counter() - sum(s["time_s"] for s in shots)
     for shot in tqdm(range(len(shots) + 1, n_shots + 1), desc=f"{cfg.method} shots",
                      initial=len(shots), total=n_shots, disable=not run.progress):
@@ -1119,21 +965,14 @@ def _run(run: Run, windows: torch.Tensor, tokenizer: Any, eval_text: str | None,
         t0 = time.perf_counter()
         before = {k: dict(v) for k, v in timer.phases.items()}
         shot_target = threshold.linear_schedule(shot, n_shots, target)
-        if kind == "layerwise":
-            with timer("layerwise"):
-                counts = layerwise_pass(run, shot_target, windows)
-        elif kind == "units":
-            with timer("units"):
-                counts = unit_scoring_pass(run, shot_target, windows)
-        else:
-            counts = global_shot(run, shot_target, windows, shot)
+        counts = run.method.prune_pass(PASSES, run, shot_target, windows, shot)
         sync_weights(run)  # torchrun: every rank continues from rank 0's weights
-        if cfg.lowrank_rank > 0 and cfg.lowrank_steps > 0 and shot < n_shots:
+        if lowrank.active and shot < n_shots:
             from llm_surgeon.methods.lowrank import first_order_correction
 
             with timer("lowrank"):
-                first_order_correction(run.model, run.targets, windows, rank=cfg.lowrank_rank,
-                                       steps=cfg.lowrank_steps, lr=cfg.lowrank_lr,
+                first_order_correction(run.model, run.targets, windows, rank=lowrank.rank,
+                                       steps=lowrank.steps, lr=lowrank.lr,
                                        seed=cfg.seed + shot, progress=run.progress)
             counts = count_zeros(run)
         entry: dict[str, Any] = {
@@ -1168,15 +1007,7 @@ def _run(run: Run, windows: torch.Tensor, tokenizer: Any, eval_text: str | None,
         n for _, n in counts.values())
     report["shots"] = shots
     report["layers"], report["sparsity_by_type"] = layer_report_from_counts(run.targets, counts)
-    if structure.kind == "heads-channels":
-        # physically smaller: heads (in whole KV groups) and channels leave the module shapes
-        dense_linear = sum(n for _, n in counts.values())
-        with timer("shrink"):
-            summary = shrink(run)
-        run.targets = decoder_linears(run.model)
-        report["shrink"] = shrink_report(summary, dense_linear, sum(
-            t.module.weight.numel() + (t.module.bias.numel() if t.has_bias else 0)
-            for t in run.targets))
+    report.update(structure.finish(run, counts))  # e.g. the physical shrink
     report["ppl"] = evaluate("pruned perplexity")
     if shots and cfg.eval_every_shot:
         shots[-1]["ppl"] = report["ppl"]
@@ -1213,6 +1044,11 @@ def run_unit_scoring(model: Any, targets: list[TargetLinear], method: Any, spars
     """Numerical pruning of an in-memory ``model`` in place (:func:`unit_scoring_pass`);
     ``unit_shape``: (channel multiple, uniform layer sizes)."""
     with tempfile.TemporaryDirectory() as work:
-        unit_scoring_pass(_memory_run(model, targets, method, Structure("heads-channels"),
+        unit_scoring_pass(_memory_run(model, targets, method, HeadsChannels(),
                                       batch_size, progress, Path(work), unit_shape),
                           sparsity, windows)
+
+
+# what a method's ``prune_pass`` picks from (each interface of methods/base.py names its own)
+PASSES = Passes(global_shot=global_shot, layerwise_pass=layerwise_pass,
+                unit_scoring_pass=unit_scoring_pass)

@@ -13,7 +13,8 @@ already-pruned layers before it (as their papers do).
         run the pruned ℓ on the same inputs ──► inputs of layer ℓ + 1
 
 Only the hidden states at one layer boundary are kept (``windows × seqlen × hidden`` floats);
-no backward pass is needed. Methods plug in through :class:`LayerwiseMethod`.
+no backward pass is needed. Methods plug in through
+:class:`~llm_surgeon.methods.base.LayerwiseMethod`.
 
 **Coupled units scored from activations** (Numerical pruning): one
 forward pass collects H = XᵀX of every output projection (o, down); the method scores every
@@ -25,29 +26,15 @@ remove, and each output projection is compensated in closed form for its removed
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from llm_surgeon import distributed
 from llm_surgeon.methods import threshold
-from llm_surgeon.methods.base import Structure
+from llm_surgeon.methods.base import LayerwiseMethod
 from llm_surgeon.models.layouts import TargetLinear, decoder_layers
-
-
-class LayerwiseMethod(Protocol):
-    """A method that prunes each linear from statistics of its own inputs."""
-
-    name: str
-    kind: str  # "layerwise"
-    structures: tuple[str, ...]
-
-    def prune_linear(
-        self, W: torch.Tensor, H: torch.Tensor, structure: Structure, sparsity: float
-    ) -> torch.Tensor:
-        """New weight (removed entries exactly zero) from W (out, in) and H = XᵀX (in, in)."""
-        ...
 
 
 class _Stop(Exception):
@@ -121,11 +108,12 @@ def capture_layer_inputs(
 
 
 @torch.no_grad()
-def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod, structure: Structure,
-                        sparsity: float, run_all: Any) -> None:
+def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod,
+                        nm: tuple[int, int] | None, sparsity: float, run_all: Any) -> None:
     """Prune the linears ``mine`` of one decoder layer: ``run_all()`` runs the layer over every
     calibration batch while hooks sum H = XᵀX of each linear's input; then each weight is
-    replaced by ``method.prune_linear(W, H)``."""
+    replaced by ``method.prune_linear(W, H, sparsity, nm)`` (``nm``: the structure's N:M
+    pattern, None for unstructured)."""
     grams: dict[int, torch.Tensor] = {}  # keyed by module: q/k/v share an input
     handles = []
     for t in mine:
@@ -147,7 +135,7 @@ def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod, struc
     for t in mine:
         W = t.module.weight.detach()
         H = distributed.all_reduce_sum_(grams.pop(id(t.module)))  # torchrun: all ranks' sum
-        new = method.prune_linear(W.float(), H.float(), structure, sparsity)
+        new = method.prune_linear(W.float(), H.float(), sparsity, nm)
         t.module.weight.copy_(new.to(W.dtype))
 
 

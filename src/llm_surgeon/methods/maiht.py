@@ -76,7 +76,9 @@ from typing import Literal
 
 import torch
 
+from llm_surgeon.methods.base import LayerwiseMethod
 from llm_surgeon.methods.sparsegpt import num_to_prune
+from llm_surgeon.settings import MAIHTSettings
 
 __all__ = [
     "MAIHTMethod",
@@ -307,25 +309,18 @@ def maiht_prune(
 # ---- the layer-wise interface (layerwise.py) ------------------------------------------------
 
 
-class MAIHTMethod:
+class MAIHTMethod(LayerwiseMethod):
     """mAIHT behind the layer-wise driver: unstructured (the target sparsity in every layer) or
     N:M (hard thresholding projects onto the N:M set)."""
 
     name = "maiht"
-    kind = "layerwise"
     structures = ("unstructured", "nm")
+    Settings = MAIHTSettings
 
-    def __init__(self, mu: float = 0.1, iht_iters: int = 50, refine_iters: int = 30,
-                 step_scale: float = 0.95) -> None:
-        self.mu = mu
-        self.iht_iters = iht_iters
-        self.refine_iters = refine_iters
-        self.step_scale = step_scale
-
-    def prune_linear(self, W: torch.Tensor, H: torch.Tensor, structure, sparsity: float
-                     ) -> torch.Tensor:
-        nm = (structure.n, structure.m) if structure.kind == "nm" else None
-        out = maiht_prune(W, H, sparsity, mu=self.mu, iht_iters=self.iht_iters,
-                          refine_iters=self.refine_iters, step_scale=self.step_scale, nm=nm)
+    def prune_linear(self, W: torch.Tensor, H: torch.Tensor, sparsity: float,
+                     nm: tuple[int, int] | None = None) -> torch.Tensor:
+        s = self.settings
+        out = maiht_prune(W, H, sparsity, mu=s.mu, iht_iters=s.iht_iters,
+                          refine_iters=s.refine_iters, step_scale=s.step, nm=nm)
         assert isinstance(out, torch.Tensor)
         return out

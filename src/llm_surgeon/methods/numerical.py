@@ -62,7 +62,9 @@ from __future__ import annotations
 
 import torch
 
+from llm_surgeon.methods.base import UnitScoringMethod
 from llm_surgeon.methods.sparsegpt import damp_hessian
+from llm_surgeon.settings import NumericalSettings
 
 __all__ = [
     "NumericalMethod",
@@ -212,7 +214,7 @@ def compensate(
 # ---- the coupled-unit interface (layerwise.run_unit_scoring) -------------------------------
 
 
-class NumericalMethod:
+class NumericalMethod(UnitScoringMethod):
     """Numerical pruning behind the coupled-unit driver (heads in whole KV groups, MLP channels).
 
     For every output projection (o / down) with input statistics H: Newton scores of its input
@@ -224,12 +226,13 @@ class NumericalMethod:
     """
 
     name = "numerical"
-    kind = "units"
     structures = ("heads-channels",)
+    Settings = NumericalSettings
 
-    def __init__(self, lam_scale: float = 1.0, percdamp: float = 0.01) -> None:
+    def __init__(self, settings: NumericalSettings | None = None, *, lam_scale: float = 1.0,
+                 **overrides) -> None:
+        super().__init__(settings, **overrides)
         self.lam_scale = lam_scale
-        self.percdamp = percdamp
 
     def unit_scores(self, W: torch.Tensor, H: torch.Tensor, width: int, count: int,
                     keep_fraction: float) -> torch.Tensor:
@@ -242,4 +245,4 @@ class NumericalMethod:
 
     def compensate(self, W: torch.Tensor, H: torch.Tensor, keep_cols: torch.Tensor
                    ) -> torch.Tensor:
-        return compensate(W, H, keep_cols, percdamp=self.percdamp)
+        return compensate(W, H, keep_cols, percdamp=self.settings.percdamp)

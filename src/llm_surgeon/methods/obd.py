@@ -17,9 +17,11 @@ with G = I or A = I where the method has no such factor (a missing factor is pas
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure
+from llm_surgeon.methods.base import Curvature, GlobalMethod, Removal
 
 
 def _diag(M: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -79,45 +81,67 @@ def column_group_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor 
     return 0.5 * (_diag_blocks(A, n_groups, width, W) * M).sum((1, 2))
 
 
-# ---- the shared interface (see methods/base.py) ----------------------------------------------
+# ---- the global-method interface (see methods/base.py) -------------------------------------
 
 
-class ZeroingMethod:
+class ZeroingMethod(GlobalMethod):
     """A remove-only method: costs of zeroing under I⊗I, I⊗A or G⊗A; removal = zeroing."""
 
     updates = False
     structures = ("unstructured", "nm", "rows-columns", "heads-channels")
+    use_A: ClassVar[bool]
+    use_G: ClassVar[bool]
 
-    def __init__(self, name: str, curvature: str, use_A: bool, use_G: bool,
-                 allocation: str = "global") -> None:
-        self.name = name
-        self.curvature = curvature
-        self.use_A = use_A
-        self.use_G = use_G
-        # "global": one threshold over all layers; "layer": every layer loses the target
-        # fraction (a curvature without G has no common scale across layers)
-        self.allocation = allocation
+    def _factors(self, curv: Curvature | None) -> tuple[torch.Tensor | None,
+                                                         torch.Tensor | None]:
+        if curv is None:
+            return None, None
+        return (curv.G if self.use_G else None), (curv.A if self.use_A else None)
 
-    def costs(self, W: torch.Tensor, curv: Curvature, structure: Structure) -> Costs:
-        G = curv.G if self.use_G else None
-        A = curv.A if self.use_A else None
-        if structure.kind == "rows-columns":
-            return Costs(rows=row_costs(W, G, A), cols=column_costs(W, G, A))
-        return Costs(elements=element_costs(W, G, A))
+    def element_costs(self, W: torch.Tensor, curv: Curvature | None) -> torch.Tensor:
+        return element_costs(W, *self._factors(curv))
 
-    def unit_costs(self, W: torch.Tensor, curv: Curvature, axis: str, width: int,
+    def line_costs(self, W: torch.Tensor, curv: Curvature | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        G, A = self._factors(curv)
+        return row_costs(W, G, A), column_costs(W, G, A)
+
+    def unit_costs(self, W: torch.Tensor, curv: Curvature | None, axis: str, width: int,
                    count: int) -> torch.Tensor:
         """Zeroing cost of this layer's share of each of ``count`` coupled units."""
-        G = curv.G if self.use_G else None
-        A = curv.A if self.use_A else None
+        G, A = self._factors(curv)
         if axis == "rows":
             return row_group_costs(W, G, A, width)
         return column_group_costs(W, G, A, width, count)
 
-    def apply(
-        self, W: torch.Tensor, curv: Curvature, removal: Removal, structure: Structure
-    ) -> torch.Tensor:
+    def apply(self, W: torch.Tensor, curv: Curvature | None, removal: Removal) -> torch.Tensor:
         return zero_removed(W, removal)
+
+
+class Magnitude(ZeroingMethod):
+    """Magnitude pruning: cost ½ W_ij² (F = I ⊗ I); no curvature pass."""
+
+    name = "magnitude"
+    curvature = "none"
+    use_A, use_G = False, False
+
+
+class LOBD(ZeroingMethod):
+    """L-OBD: F = I ⊗ A from one forward sweep; without G the costs share no scale across
+    layers, so every layer loses the target fraction (per-layer allocation)."""
+
+    name = "l-obd"
+    curvature = "activations"
+    allocation = "layer"
+    use_A, use_G = True, False
+
+
+class KOBD(ZeroingMethod):
+    """K-OBD: F = G ⊗ A (K-FAC), zeroing only."""
+
+    name = "k-obd"
+    curvature = "kfac"
+    use_A, use_G = True, True
 
 
 def zero_removed(W: torch.Tensor, removal: Removal) -> torch.Tensor:
@@ -132,6 +156,6 @@ def zero_removed(W: torch.Tensor, removal: Removal) -> torch.Tensor:
     return out
 
 
-MAGNITUDE = ZeroingMethod("magnitude", "none", use_A=False, use_G=False)
-L_OBD = ZeroingMethod("l-obd", "activations", use_A=True, use_G=False, allocation="layer")
-K_OBD = ZeroingMethod("k-obd", "kfac", use_A=True, use_G=True)
+MAGNITUDE = Magnitude()
+L_OBD = LOBD()
+K_OBD = KOBD()

@@ -49,6 +49,9 @@ import math
 
 import torch
 
+from llm_surgeon.methods.base import LayerwiseMethod
+from llm_surgeon.settings import SparseGPTSettings
+
 __all__ = [
     "SparseGPTMethod",
     "damp_hessian",
@@ -273,23 +276,20 @@ def sparsegpt_reconstruct(
 # ---- the layer-wise interface (layerwise.py) ------------------------------------------------
 
 
-class SparseGPTMethod:
+class SparseGPTMethod(LayerwiseMethod):
     """SparseGPT behind the layer-wise driver: unstructured or any N:M, block 128, damping 0.01."""
 
     name = "sparsegpt"
-    kind = "layerwise"
     structures = ("unstructured", "nm")
+    Settings = SparseGPTSettings
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
-        self.blocksize = blocksize
-        self.percdamp = percdamp
-
-    def prune_linear(self, W: torch.Tensor, H: torch.Tensor, structure, sparsity: float
-                     ) -> torch.Tensor:
-        if structure.kind == "nm":
-            new, _ = sparsegpt_prune(W, H, n=structure.n, m=structure.m,
-                                     blocksize=self.blocksize, percdamp=self.percdamp)
+    def prune_linear(self, W: torch.Tensor, H: torch.Tensor, sparsity: float,
+                     nm: tuple[int, int] | None = None) -> torch.Tensor:
+        s = self.settings
+        if nm is not None:
+            new, _ = sparsegpt_prune(W, H, n=nm[0], m=nm[1], blocksize=s.blocksize,
+                                     percdamp=s.percdamp)
         else:
-            new, _ = sparsegpt_prune(W, H, sparsity=sparsity, blocksize=self.blocksize,
-                                     percdamp=self.percdamp)
+            new, _ = sparsegpt_prune(W, H, sparsity=sparsity, blocksize=s.blocksize,
+                                     percdamp=s.percdamp)
         return new

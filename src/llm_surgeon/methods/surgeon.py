@@ -55,6 +55,9 @@ from typing import Literal
 
 import torch
 
+from llm_surgeon.methods.base import GlobalMethod
+from llm_surgeon.settings import SurgeonSettings
+
 __all__ = [
     "KronFactors",
     "PruneResult",
@@ -791,27 +794,34 @@ def assert_nm(x: Tensor, n: int, m: int, *, n_groupable_cols: int | None = None,
 # ---- the shared interface (methods/base.py): what the multi-shot driver calls ----------------
 
 
-class SurgeonMethod:
+class SurgeonMethod(GlobalMethod):
     """LLM Surgeon behind the global-method interface.
 
     ``prepare`` damps both Kronecker factors (relative to their mean diagonals) and inverts them
-    once per layer per shot; ``costs`` are the closed-form removal costs (elements, or rows and
-    columns); ``apply`` performs the correlated update of the remaining weights for everything the
-    global threshold selected (which always includes what earlier shots removed, so it stays 0).
+    once per layer per shot; ``element_costs``/``line_costs`` are the closed-form removal costs
+    (elements, or rows and columns); ``apply`` performs the correlated update of the remaining
+    weights for everything the global threshold selected (which always includes what earlier
+    shots removed, so it stays 0).
     """
 
     name = "surgeon"
     curvature = "kfac"
     updates = True
+    prepares = True
     structures = ("unstructured", "nm", "rows-columns", "heads-channels")
+    Settings = SurgeonSettings
 
-    def __init__(self, rtol_loss: float = 1e-3, compute_dtype: torch.dtype = torch.float32,
-                 max_correlate: int = 256) -> None:
+    def __init__(self, settings: SurgeonSettings | None = None, *, rtol_loss: float = 1e-3,
+                 compute_dtype: torch.dtype = torch.float32, **overrides) -> None:
+        super().__init__(settings, **overrides)
         self.rtol_loss = rtol_loss
         self.compute_dtype = compute_dtype
-        self.max_correlate = max_correlate
+        self.max_correlate = self.settings.max_correlate
 
-    def prepare(self, curv, damp_g: float, damp_a: float, name: str = "layer") -> None:
+    def prepare(self, curv, damp_g: float | None = None, damp_a: float | None = None,
+                name: str = "layer") -> None:
+        damp_g = self.settings.damp_g if damp_g is None else damp_g
+        damp_a = self.settings.damp_a if damp_a is None else damp_a
         if curv.G is None or curv.A is None:
             raise ValueError(f"{name}: the surgeon needs Kronecker factors G and A")
         if all(bool(torch.isfinite(M).all()) for M in (curv.G, curv.A)) and any(
@@ -826,18 +836,17 @@ class SurgeonMethod:
         curv.G, curv.A, curv.Ginv, curv.Ainv = (f.G.to(dt), f.A.to(dt), f.Ginv.to(dt),
                                                 f.Ainv.to(dt))
 
-    def costs(self, W: Tensor, curv, structure):
-        from llm_surgeon.methods.base import Costs
-
+    def element_costs(self, W: Tensor, curv) -> Tensor:
         W = W.to(self.compute_dtype)
         if curv.flat:
-            if structure.kind == "rows-columns":
-                return Costs(rows=W.new_zeros(W.shape[0]), cols=W.new_zeros(W.shape[1]))
-            return Costs(elements=torch.zeros_like(W))
-        if structure.kind == "rows-columns":
-            return Costs(rows=row_costs(W, curv.A, curv.Ginv),
-                         cols=column_costs(W, curv.G, curv.Ainv))
-        return Costs(elements=element_costs(W, curv.Ginv, curv.Ainv))
+            return torch.zeros_like(W)
+        return element_costs(W, curv.Ginv, curv.Ainv)
+
+    def line_costs(self, W: Tensor, curv) -> tuple[Tensor, Tensor]:
+        W = W.to(self.compute_dtype)
+        if curv.flat:
+            return W.new_zeros(W.shape[0]), W.new_zeros(W.shape[1])
+        return row_costs(W, curv.A, curv.Ginv), column_costs(W, curv.G, curv.Ainv)
 
     def unit_costs(self, W: Tensor, curv, axis: str, width: int, count: int) -> Tensor:
         """Cost of this layer's share of each of ``count`` coupled units (blocks of ``width``
@@ -850,7 +859,7 @@ class SurgeonMethod:
             return row_group_costs(W, curv.A, curv.Ginv, idx)
         return column_group_costs(W, curv.G, curv.Ainv, idx)
 
-    def apply(self, W: Tensor, curv, removal, structure) -> Tensor:
+    def apply(self, W: Tensor, curv, removal) -> Tensor:
         W = W.to(self.compute_dtype)
         if curv.flat:
             from llm_surgeon.methods.obd import zero_removed

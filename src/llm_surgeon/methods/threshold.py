@@ -698,3 +698,115 @@ def select_shaped_units(
         if j + 1 < len(chains[i]):
             heapq.heappush(heap, (key(chains[i][j + 1]), i, j + 1))
     return masks
+
+
+# ---- selection rules of a shot: one global threshold, or per-layer allocation ----------------
+
+Allocation = Literal["global", "layer"]
+ALLOCATIONS = ("global", "layer")
+
+
+def allocate_per_layer(names: Sequence[str], numel: Mapping[str, int], target_sparsity: float,
+                       pick: Callable[[str, int], int]) -> None:
+    """Per-layer allocation: each layer gets the target fraction of its own candidates; what a
+    coarse layer (whole rows and columns) cannot take exactly is carried over to the next, so
+    the total stays on target. ``pick(name, want)`` removes up to ``want`` parameters of layer
+    ``name`` and returns how many went."""
+    seen = removed = 0
+    for name in names:
+        seen += numel[name]
+        removed += pick(name, target_count(seen, target_sparsity) - removed)
+
+
+def select_elements(eligible: Callable[[int], Tensor], names: Sequence[str],
+                    numel: Mapping[str, int], target_sparsity: float, allocation: Allocation,
+                    keep: Callable[[int, Tensor], None], kept: Callable[[int], Tensor]
+                    ) -> Callable[[int], Tensor]:
+    """Element masks of every layer ``i`` from its eligible costs ``eligible(i)`` (loaded on
+    demand: only one layer's costs in memory): one streamed global threshold
+    (:func:`streamed_global_masks`), or with ``allocation="layer"`` one per layer
+    (:func:`allocate_per_layer`; each layer's mask handed to ``keep(i, mask)`` and read back
+    by ``kept(i)``). Returns ``mask_of(i)``."""
+    total = sum(numel[k] for k in names)
+    if allocation == "layer" and len(names) > 1:
+        index = {k: i for i, k in enumerate(names)}
+
+        def pick(name: str, want: int) -> int:
+            mask = global_masks([eligible(index[name])], want)[0]
+            keep(index[name], mask)
+            return int(mask.sum())
+
+        allocate_per_layer(names, numel, target_sparsity, pick)
+        return kept
+    sel = streamed_global_masks(eligible, len(names), target_count(total, target_sparsity))
+    return lambda i: sel.mask(i, eligible(i))
+
+
+def removed_count(rows: Tensor | None, cols: Tensor | None, shape: Sequence[int]) -> int:
+    """Parameters gone with ``rows`` and ``cols`` of a (out, in) weight, overlaps once."""
+    r = 0 if rows is None else rows.numel()
+    c = 0 if cols is None else cols.numel()
+    return r * shape[1] + c * shape[0] - r * c
+
+
+def select_lines(costs: Mapping[str, tuple[Tensor, Tensor]], shapes: Mapping[str, Sequence[int]],
+                 target_sparsity: float, allocation: Allocation
+                 ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Rows and columns to remove of every layer (in the order of ``costs``): one global
+    threshold (:func:`select_rows_columns`, cost per parameter), or per-layer allocation."""
+    names = list(costs)
+
+    def pick_in(ks: list[str], n_remove: int) -> dict[str, tuple[Tensor, Tensor]]:
+        return select_rows_columns({k: costs[k] for k in ks},
+                                   {k: tuple(shapes[k]) for k in ks}, n_remove, per_param=True)
+
+    numel = {k: int(shapes[k][0]) * int(shapes[k][1]) for k in names}
+    if allocation == "layer" and len(names) > 1:
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+
+        def pick(name: str, want: int) -> int:
+            out.update(pick_in([name], want))
+            return removed_count(*out[name], shapes[name])
+
+        allocate_per_layer(names, numel, target_sparsity, pick)
+        return out
+    return pick_in(names, target_count(sum(numel.values()), target_sparsity))
+
+
+def select_unit_masks(scores: Sequence[Tensor], sizes: Sequence[int], kinds: Sequence[str],
+                      layers: Sequence[int], total: int, target_sparsity: float, *,
+                      allocation: Allocation = "global", channel_multiple: int | None = None,
+                      uniform: bool = False, per_param: bool = True) -> list[Tensor]:
+    """Coupled units (KV groups, MLP channels) to remove, one bool mask per group: ranked by
+    score (per parameter with ``per_param``) until ``target_sparsity`` of ``total`` parameters
+    is gone, or (``allocation="layer"``, not with ``uniform``) within each decoder layer, each
+    layer taking the fraction of its units' parameters with the remainder carried over.
+    ``kinds[k]`` is "heads" or "channels"; ``channel_multiple`` (None:
+    :func:`default_channel_multiple` of the channel counts) and ``uniform`` shape the result
+    (:func:`select_shaped_units`)."""
+    multiple = default_channel_multiple(
+        [int(s.numel()) for s, k in zip(scores, kinds, strict=True) if k == "channels"],
+        channel_multiple)
+
+    def choose(ks: list[int], n: int) -> list[Tensor]:
+        if multiple == 1 and not uniform:
+            return select_units([scores[k] for k in ks], [sizes[k] for k in ks], n,
+                                per_param=per_param)
+        return select_shaped_units([scores[k] for k in ks], [sizes[k] for k in ks],
+                                   [kinds[k] for k in ks], [layers[k] for k in ks], n,
+                                   channel_multiple=multiple, uniform=uniform,
+                                   per_param=per_param)
+
+    everything = list(range(len(scores)))
+    if allocation != "layer" or uniform:
+        return choose(everything, target_count(total, target_sparsity))
+    masks: list[Tensor] = []
+    seen = removed = 0
+    for layer in sorted(set(layers)):
+        ks = [k for k in everything if layers[k] == layer]
+        seen += sum(sizes[k] * int(scores[k].numel()) for k in ks)
+        want = target_count(seen, target_sparsity) - removed
+        part = choose(ks, max(want, 0))
+        masks.extend(part)
+        removed += sum(int(m.sum()) * sizes[k] for k, m in zip(ks, part, strict=True))
+    return masks

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from llm_surgeon.methods.base import LayerwiseMethod
 from llm_surgeon.methods.sparsegpt import num_to_prune
 
 __all__ = ["WandaMethod", "wanda_mask", "wanda_scores"]
@@ -87,19 +88,18 @@ def wanda_mask(
 # ---- the layer-wise interface (layerwise.py) ------------------------------------------------
 
 
-class WandaMethod:
+class WandaMethod(LayerwiseMethod):
     """Wanda behind the layer-wise driver: |W_ij|·‖X_j‖ per output row; unstructured or N:M;
     the remaining weights are not updated."""
 
     name = "wanda"
-    kind = "layerwise"
     structures = ("unstructured", "nm")
 
-    def prune_linear(self, W: torch.Tensor, H: torch.Tensor, structure, sparsity: float
-                     ) -> torch.Tensor:
+    def prune_linear(self, W: torch.Tensor, H: torch.Tensor, sparsity: float,
+                     nm: tuple[int, int] | None = None) -> torch.Tensor:
         scores = wanda_scores(W, torch.diagonal(H))
-        if structure.kind == "nm":
-            mask = wanda_mask(scores, n=structure.n, m=structure.m)
+        if nm is not None:
+            mask = wanda_mask(scores, n=nm[0], m=nm[1])
         else:
             mask = wanda_mask(scores, sparsity=sparsity)
         return W.masked_fill(mask, 0)
