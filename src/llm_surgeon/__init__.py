@@ -5,6 +5,7 @@ user compares against (magnitude, Wanda, SparseGPT, L-OBD, K-OBD), with evaluati
 trusts.
 """
 
+from llm_surgeon.api import PruneResult, prune_model
 from llm_surgeon.errors import UserError
 
 __version__ = "0.1.0"
@@ -20,4 +21,4 @@ def load(path: str, **kwargs):
     return model
 
 
-__all__ = ["UserError", "__version__", "load"]
+__all__ = ["PruneResult", "UserError", "__version__", "load", "prune_model"]

@@ -134,6 +134,33 @@ def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+_FLAG_TYPES = {"positive-int": _positive_int, "integer": _integer, "number": _number}
+
+
+def add_method_flags(pr: argparse.ArgumentParser) -> None:
+    """One flag per method setting, generated from the settings classes of ``settings.py``
+    (name, type, default, help; a key two methods share, ``--percdamp``, once); each class
+    with a ``title`` gets its own group. Ranges are checked in ``config.py``."""
+    from llm_surgeon.settings import BUILTIN_SETTINGS
+
+    groups: dict[str | None, Any] = {None: pr}
+    seen: set[str] = set()
+    for cls in BUILTIN_SETTINGS:
+        for key, f in cls.declared():
+            if key in seen:
+                continue
+            seen.add(key)
+            if cls.title not in groups:
+                groups[cls.title] = pr.add_argument_group(cls.title)
+            meta = f.metadata
+            extra: dict[str, Any] = {"choices": meta["choices"]} if meta["choices"] else {}
+            if meta["metavar"]:
+                extra["metavar"] = meta["metavar"]
+            groups[cls.title].add_argument(
+                "--" + key.replace("_", "-"), dest=key, default=f.default,
+                type=_FLAG_TYPES.get(meta["kind"]), help=meta["help"], **extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llm_surgeon.config import PruneConfig
 
@@ -266,25 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gradients from true next tokens (empirical) or labels sampled from "
         "the model (sampled) (default: %(default)s)",
     )
-    pr.add_argument(
-        "--damp-g",
-        type=_number,
-        default=_D.damp_g,
-        help="damping of G relative to its mean diagonal (default: %(default)s, as the paper's "
-        "released scripts; 0.01 over-trusts a Fisher from a few thousand tokens)",
-    )
-    pr.add_argument(
-        "--damp-a",
-        type=_number,
-        default=_D.damp_a,
-        help="damping of A relative to its mean diagonal (default: %(default)s)",
-    )
-    pr.add_argument(
-        "--max-correlate",
-        type=_positive_int,
-        default=_D.max_correlate,
-        help="surgeon: weights removed together in one correlated update (default: %(default)s)",
-    )
+    add_method_flags(pr)
     hc = pr.add_argument_group("heads-channels shapes")
     hc.add_argument(
         "--channel-multiple", type=_positive_int, default=None, metavar="K",
@@ -313,34 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="where streamed layers and hidden states are kept during the run, removed after "
         "(default: the llm-surgeon cache folder)",
     )
-    lw = pr.add_argument_group("layer-wise methods (sparsegpt, wanda, maiht)")
-    lw.add_argument("--blocksize", type=_positive_int, default=_D.blocksize,
-                    help="SparseGPT: columns per lazy-update block (default: %(default)s)")
-    lw.add_argument("--percdamp", type=_number, default=_D.percdamp,
-                    help="SparseGPT: damping of XᵀX relative to its mean diagonal "
-                    "(default: %(default)s)")
-    lw.add_argument("--maiht-mu", type=_number, default=_D.maiht_mu,
-                    help="mAIHT: l2 penalty μ (default: %(default)s)")
-    lw.add_argument("--maiht-iht-iters", type=_integer, default=_D.maiht_iht_iters,
-                    help="mAIHT: iterative hard thresholding steps (default: %(default)s)")
-    lw.add_argument("--maiht-refine-iters", type=_integer, default=_D.maiht_refine_iters,
-                    help="mAIHT: refinement steps on the final support (default: %(default)s)")
-    lw.add_argument("--maiht-step", type=_number, default=_D.maiht_step,
-                    help="mAIHT: step as a fraction of 1/L, L = 2(‖XᵀX‖₂ + μ) "
-                    "(default: %(default)s)")
-    pr.add_argument(
-        "--lowrank-rank",
-        type=_integer,
-        default=_D.lowrank_rank,
-        help="rank of the first-order low-rank correction between shots (0 = off, the default)",
-    )
-    pr.add_argument(
-        "--lowrank-steps",
-        type=_integer,
-        default=_D.lowrank_steps,
-        help="optimizer steps of that correction per shot (default: %(default)s)",
-    )
-    pr.add_argument("--lowrank-lr", type=_number, default=_D.lowrank_lr, help="its learning rate")
     pr.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -594,8 +575,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The PruneConfig of ``prune``'s parsed flags: every flag's ``dest`` is its setting's name
+    (``--no-eval`` is ``eval=False``)."""
+    from dataclasses import fields
+
     from llm_surgeon.config import PruneConfig
+
+    given = vars(args)
+    values = {f.name: given[f.name] for f in fields(PruneConfig) if f.name in given}
+    values["eval"] = not args.no_eval
+    return PruneConfig(**values)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
     from llm_surgeon.driver import prune, strip_private
 
     if args.resume:
@@ -611,45 +604,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UserError("prune needs --output DIR (or --resume DIR)")
     if args.paper:
         args.calib_samples, args.seqlen, args.shots = 128, 2048, 40
-    cfg = PruneConfig(
-        model=args.model,
-        method=args.method,
-        structure=args.structure,
-        sparsity=args.sparsity,
-        shots=args.shots,
-        calib_data=args.calib_data,
-        calib_samples=args.calib_samples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        eval_data=args.eval_data,
-        eval_windows=args.eval_windows,
-        eval=not args.no_eval,
-        eval_every_shot=args.eval_every_shot,
-        fisher=args.fisher,
-        nearest_kronecker=args.nearest_kronecker,
-        damp_g=args.damp_g,
-        damp_a=args.damp_a,
-        max_correlate=args.max_correlate,
-        blocksize=args.blocksize,
-        percdamp=args.percdamp,
-        maiht_mu=args.maiht_mu,
-        maiht_iht_iters=args.maiht_iht_iters,
-        maiht_refine_iters=args.maiht_refine_iters,
-        maiht_step=args.maiht_step,
-        batch_size=args.batch_size,
-        lowrank_rank=args.lowrank_rank,
-        lowrank_steps=args.lowrank_steps,
-        lowrank_lr=args.lowrank_lr,
-        dtype=args.dtype,
-        device=args.device,
-        output=args.output,
-        time_plain_pass=args.time_plain_pass,
-        max_memory=args.max_memory,
-        offload_dir=args.offload_dir,
-        curvature_pass=args.curvature_pass,
-        channel_multiple=args.channel_multiple,
-        layer_sizes=args.layer_sizes,
-    )
+    cfg = config_from_args(args)
     check_prune_args(args, cfg)
     from llm_surgeon.driver import check_output_replaceable
 

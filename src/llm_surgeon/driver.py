@@ -911,6 +911,50 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
         remove_work_folder(work)
 
 
+def prune_loaded(model: nn.Module, tokenizer: Any, windows: torch.Tensor, cfg: PruneConfig,
+                 method: Method, structure: Structure,
+                 eval_windows: torch.Tensor | None = None, progress: bool = False,
+                 on_event: OnEvent | None = None) -> dict[str, Any]:
+    """Prune ``model``, already in memory, in place on the calibration ``windows`` with the
+    run :func:`prune` makes (no checkpoints); perplexity before and after on ``eval_windows``
+    when given. Saves the model with its report to ``cfg.output`` when set. Returns the
+    report (what ``llm_surgeon.prune_model`` wraps)."""
+    target = structure.target_sparsity(cfg.sparsity)
+    out_dir = Path(cfg.output) if cfg.output else None
+    check_output_replaceable(out_dir, resuming=False)
+    torch.manual_seed(cfg.seed)
+    check_seqlen(model, int(windows.shape[1]))
+    root = Path(cfg.offload_dir) if cfg.offload_dir else cache_dir() / "offload"
+    work = work_folder(root)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        model.eval()
+        for p, _ in grads:  # sweeps need activation gradients only
+            p.requires_grad_(False)
+        store = MemoryLayers(model, next(model.parameters()).device)
+        targets = decoder_linears(model)
+        structure.check_widths(targets)
+        run = Run(model, store, targets, cfg, method, structure, work, PhaseTimer(), progress,
+                  on_event)
+
+        def eval_set() -> torch.Tensor:
+            assert eval_windows is not None
+            return eval_windows
+
+        report = run_passes(run, target, windows, eval_set, None,
+                            budget_estimate(model, store, targets), None, None, None)
+        if out_dir is not None:
+            store.save(tokenizer, out_dir,
+                       extra_files={"report.json": json.dumps(report, indent=2) + "\n"})
+        return report
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        model.train(training)
+        remove_work_folder(work)
+
+
 def run_passes(run: Run, target: float, windows: torch.Tensor,
                eval_set: Callable[[], torch.Tensor], budget: int | None, need: int,
                dense_ppl: float | None, resumed: dict[str, Any] | None,
