@@ -3,7 +3,8 @@ pruning at rising unstructured sparsity, through lm-evaluation-harness.
 
     .venv/bin/python bench/zeroshot.py [--limit N]
 
-Magnitude pruning needs no calibration, so every model is made in memory from the dense one.
+Magnitude pruning needs no calibration, so every model is made in memory from the dense one
+with ``llm_surgeon.prune_model`` (one shot; the calibration windows it takes go unused).
 Writes ``bench/zeroshot/results.json`` and ``results.md``.
 """
 
@@ -14,34 +15,24 @@ import copy
 import json
 from pathlib import Path
 
-from llm_surgeon.driver import augmented_weight, write_augmented
+from llm_surgeon import prune_model
+from llm_surgeon.data.corpora import load_text
 from llm_surgeon.evaluate.offline_tasks import OFFLINE_TASKS
 from llm_surgeon.evaluate.zeroshot import zero_shot
-from llm_surgeon.methods.base import Removal, Structure
-from llm_surgeon.methods.obd import MAGNITUDE
-from llm_surgeon.methods.threshold import global_masks, target_count
-from llm_surgeon.models.layouts import decoder_linears
 from llm_surgeon.models.load import load_model
 
 OUT = Path(__file__).resolve().parent / "zeroshot"
 LEVELS = (0.0, 0.3, 0.5, 0.7)
 
 
-def magnitude(model, sparsity: float):
-    """One-shot global magnitude pruning (the `magnitude` method of `prune`, in memory)."""
+def magnitude(model, tokenizer, sparsity: float):
+    """One-shot global magnitude pruning of a copy of ``model`` (the `magnitude` method of
+    `prune`, in memory)."""
     pruned = copy.deepcopy(model)
     if sparsity == 0:
         return pruned
-    targets = decoder_linears(pruned)
-    weights = {t.name: augmented_weight(t) for t in targets}
-    structure = Structure("unstructured")
-    costs = {k: MAGNITUDE.costs(w, None, structure).elements for k, w in weights.items()}
-    total = sum(w.numel() for w in weights.values())
-    masks = global_masks(costs, target_count(total, sparsity))
-    for t in targets:
-        write_augmented(t, MAGNITUDE.apply(weights[t.name], None, Removal(mask=masks[t.name]),
-                                           structure))
-    return pruned
+    return prune_model(pruned, tokenizer, load_text("sotu", "train"), method="magnitude",
+                       sparsity=sparsity, shots=1, calib_samples=1, seqlen=32).model
 
 
 def plot(rows: list[dict]) -> None:
@@ -62,7 +53,8 @@ def main() -> None:
     for s in LEVELS:
         if any(r["sparsity"] == s for r in rows):
             continue
-        scores = zero_shot(magnitude(dense, s), tokenizer, list(OFFLINE_TASKS), limit=args.limit)
+        scores = zero_shot(magnitude(dense, tokenizer, s), tokenizer, list(OFFLINE_TASKS),
+                           limit=args.limit)
         rows.append({"sparsity": s, "tasks": scores})
         print(rows[-1], flush=True)
         partial.write_text(json.dumps(rows, indent=2) + "\n")
