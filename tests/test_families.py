@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-import llm_surgeon.driver as driver_module
+import llm_surgeon.structures as structures_module
 from llm_surgeon import load
 from llm_surgeon.config import PruneConfig
 from llm_surgeon.driver import augmented_weight, prune
@@ -88,16 +88,16 @@ def test_family_end_to_end(family, zoo_dirs, sample_text_file, tmp_path, monkeyp
     # surgeon, heads-channels: the shrink inside the run changes no logit
     seen = {}
     removed = {}
-    real_shrink = driver_module.shrink
+    real_shrink = structures_module.shrink
 
-    def checked_shrink(run):
-        seen["masked"] = _logits(run.model)
-        seen["params_before"] = count_parameters(run.model)["params_decoder_linear"]
-        summary = real_shrink(run)
-        seen["shrunk"] = _logits(run.model)
+    def checked_shrink(model, store):
+        seen["masked"] = _logits(model)
+        seen["params_before"] = count_parameters(model)["params_decoder_linear"]
+        summary = real_shrink(model, store)
+        seen["shrunk"] = _logits(model)
         return summary
 
-    monkeypatch.setattr(driver_module, "shrink", checked_shrink)
+    monkeypatch.setattr(structures_module, "shrink", checked_shrink)
     # the surgeon, and Numerical (which removes whole KV groups in these tiny models, so that
     # the fused slices and head norms are shrunk inside a real run too)
     for method in ("surgeon", "numerical"):

@@ -69,6 +69,18 @@ class Structure:
     nm: tuple[int, int] | None = None  # the pattern a layer-wise method is given
     fixed_sparsity: float | None = None  # a sparsity the structure itself fixes (N:M)
 
+    pattern_axis: ClassVar[str] = "pattern"  # x label of a plot of fixed-sparsity patterns
+
+    @property
+    def family(self) -> str:
+        """The plot its runs go to (``report/plots.py``): its name; N:M patterns share one."""
+        return self.name
+
+    @property
+    def pattern_order(self) -> Any:
+        """Sort key of its pattern on such a plot's x axis."""
+        return str(self)
+
     def __str__(self) -> str:
         return self.name
 
@@ -178,6 +190,16 @@ class NM(Structure):
     @property  # type: ignore[override]
     def fixed_sparsity(self) -> float:
         return self.nm_sparsity
+
+    @property
+    def family(self) -> str:
+        return "N:M"
+
+    pattern_axis: ClassVar[str] = "N:M pattern (N of every M inputs kept)"
+
+    @property
+    def pattern_order(self) -> tuple[int, int]:
+        return (self.n, self.m)
 
     @classmethod
     def parse(cls, text: str) -> Structure | None:

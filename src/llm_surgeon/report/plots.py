@@ -36,8 +36,15 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def _kind(structure: str) -> str:
-    return "N:M" if ":" in structure else structure
+def _structure(text: str) -> Any:
+    """A report's structure as its object (None: a plug-in not registered in this process)."""
+    from llm_surgeon.errors import UserError
+    from llm_surgeon.structures import parse_structure
+
+    try:
+        return parse_structure(text)
+    except UserError:
+        return None
 
 
 def series_labels(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -63,16 +70,22 @@ def ppl_vs_sparsity(rows: Sequence[dict[str, Any]], out_dir: str | Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     by_kind: dict[str, list[dict[str, Any]]] = {}
+    patterned: dict[str, str] = {}  # families whose patterns fix the sparsity -> x label
     for r, label in zip(rows, series_labels(rows), strict=True):
         if r.get("ppl") is not None:
-            by_kind.setdefault(_kind(str(r["structure"])), []).append({**r, "method": label})
+            found = _structure(str(r["structure"]))
+            family = str(r["structure"]) if found is None else found.family
+            if found is not None and found.fixed_sparsity is not None:
+                patterned[family] = found.pattern_axis
+            by_kind.setdefault(family, []).append({**r, "method": label})
     written = []
     for kind, rs in sorted(by_kind.items()):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         methods = sorted({r["method"] for r in rs})
-        if kind == "N:M":  # a few patterns: categories on x, one marker per method
+        categorical = kind in patterned
+        if categorical:  # a few patterns (N:M): categories on x, one marker per method
             patterns = sorted({str(r["structure"]) for r in rs},
-                              key=lambda p: tuple(int(v) for v in p.split(":")))
+                              key=lambda p: _structure(p).pattern_order)
             for j, method in enumerate(methods):
                 pts = [(patterns.index(str(r["structure"])), float(r["ppl"])) for r in rs
                        if r["method"] == method]
@@ -81,7 +94,7 @@ def ppl_vs_sparsity(rows: Sequence[dict[str, Any]], out_dir: str | Path,
                         linestyle="none", label=method)
             ax.set_xticks(range(len(patterns)), patterns)
             ax.set_xlim(-0.5, len(patterns) - 0.5)
-        for method in methods if kind != "N:M" else []:
+        for method in methods if not categorical else []:
             pts = sorted((float(r["sparsity_achieved"]), float(r["ppl"])) for r in rs
                          if r["method"] == method)
             ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
@@ -89,7 +102,7 @@ def ppl_vs_sparsity(rows: Sequence[dict[str, Any]], out_dir: str | Path,
             ax.axhline(dense_ppl, color="gray", linestyle="--", linewidth=1,
                        label=f"dense ({dense_ppl:.2f})")
         ax.set_yscale("log")
-        ax.set_xlabel("N:M pattern (N of every M inputs kept)" if kind == "N:M"
+        ax.set_xlabel(patterned[kind] if categorical
                       else "sparsity of the decoder linears (%)")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"perplexity against sparsity: {kind}")
