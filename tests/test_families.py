@@ -211,7 +211,8 @@ def test_fused_unit_costs_equal_exact_joint_cost(family, kind):
     """A fused linear's share of a unit is scattered over its rows; its surgeon cost, computed
     on the relabelled problem, equals the exact joint structured cost of exactly those rows."""
     from llm_surgeon.methods.base import Curvature
-    from llm_surgeon.methods.surgeon import SurgeonMethod, kron_factors, structured_cost
+    from llm_surgeon.methods.surgeon import SurgeonMethod, kron_factors
+    from tests.oracles import structured_cost
 
     g = next(g for g in unit_groups(zoo_model(family)) if g.kind == kind)
     part = next(p for p in g.parts if p.pieces)

@@ -14,16 +14,11 @@ from llm_surgeon.config import PruneConfig
 from llm_surgeon.driver import prune
 from llm_surgeon.methods import obd
 from llm_surgeon.methods.base import Curvature
-from llm_surgeon.methods.surgeon import (
-    SurgeonMethod,
-    kron_factors,
-    kron_quadratic,
-    prune_structured,
-    structured_cost,
-)
+from llm_surgeon.methods.surgeon import SurgeonMethod, kron_factors, prune_structured
 from llm_surgeon.methods.threshold import select_units
 from llm_surgeon.models.layouts import count_parameters
 from tests.conftest import tiny_model
+from tests.oracles import kron_quadratic, structured_cost
 
 
 def _spd(n, gen):

@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from llm_surgeon.curvature.factors import Curvature  # the one factor type, re-exported here
 from llm_surgeon.errors import UserError
 
 StructureKind = Literal["unstructured", "nm", "rows-columns", "heads-channels"]
@@ -61,23 +62,6 @@ def parse_structure(text: str) -> Structure:
             raise UserError(f"--structure {text}: N:M needs 0 < N < M (got N={n}, M={m})")
         return Structure("nm", n, m)
     raise UserError(f"unknown --structure {text!r} (choose from {', '.join(STRUCTURE_NAMES)})")
-
-
-@dataclass
-class Curvature:
-    """What a method knows about the loss around one layer: Kronecker factors or nothing.
-
-    ``A`` is E[ā āᵀ] of the (bias-augmented) inputs, ``G`` is E[g gᵀ] of output gradients;
-    either is ``None`` when the method does not use it (identity).
-    """
-
-    A: torch.Tensor | None = None
-    G: torch.Tensor | None = None
-    Ainv: torch.Tensor | None = None  # filled by methods that need inverses (surgeon)
-    Ginv: torch.Tensor | None = None
-    # A factor that is exactly zero (no gradient reached the outputs, or every input is zero):
-    # the loss is flat in this layer's weights, so removing any of them costs nothing.
-    flat: bool = False
 
 
 @dataclass
