@@ -15,8 +15,8 @@ from llm_surgeon import load
 from llm_surgeon.config import PruneConfig
 from llm_surgeon.driver import augmented_weight, prune
 from llm_surgeon.errors import UserError
+from llm_surgeon.io import save_atomically
 from llm_surgeon.models.layouts import count_parameters, decoder_linears, layout_for
-from llm_surgeon.models.load import save_atomically
 from llm_surgeon.models.shrink import SIZES_KEY, config_can_say, layer_sizes, shrink_model
 from llm_surgeon.models.units import unit_groups
 from tests.model_zoo import ZOO, zoo_model

@@ -69,12 +69,11 @@ from llm_surgeon.layerwise import (
     at_layer,
     capture_layer_inputs,
     prune_layer_linears,
-    rank_units,
-    remove_scored_units,
 )
 from llm_surgeon.methods import threshold
 from llm_surgeon.methods.base import Costs, Curvature, Removal, Structure
 from llm_surgeon.methods.registry import get_method
+from llm_surgeon.methods.unit_scoring import rank_units, remove_scored_units
 from llm_surgeon.models.layouts import TargetLinear, decoder_linears
 from llm_surgeon.models.load import cache_dir, load_model, load_tokenizer
 from llm_surgeon.models.offload import parse_memory, release_free_memory, resident_bytes
