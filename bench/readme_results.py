@@ -142,11 +142,11 @@ def markdown(root: Path = ROOT) -> str:
     p = t["protocol"]
     return "\n".join([
         BEGIN,
-        "Perplexity of the bundled SmolLM2-135M-Instruct after pruning "
-        f"(dense: **{t['dense']:.2f}**; lower is better),",
-        f"{p['calib_samples']} × {p['seqlen']} calibration tokens of the bundled text, "
-        f"{p['eval_windows']} × {p['seqlen']} test tokens. Sparsity counts",
-        "the decoder linears; heads-channels models are physically smaller (any MLP width,",
+        "Perplexity of the bundled SmolLM2-135M-Instruct "
+        f"(dense: **{t['dense']:.2f}**; lower is better) after pruning",
+        f"on {p['calib_samples']} × {p['seqlen']} calibration tokens of the bundled text, "
+        f"measured on {p['eval_windows']} × {p['seqlen']} test tokens. Sparsity",
+        "counts the decoder linears; heads-channels models are physically smaller (any MLP width,",
         "`--channel-multiple 1`). Empty: not in the committed matrices. From",
         ", ".join(f"`{s}`" for s in sources) + ";",
         "every table behind them, and how each is regenerated: "
