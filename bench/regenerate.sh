@@ -51,3 +51,6 @@ if [[ ! -x .venv-llmc/bin/python ]]; then
   .venv-llmc/bin/pip install -q -c <(echo torch==2.13.0) llmcompressor gguf accelerate -e .
 fi
 .venv-llmc/bin/python bench/compare_llmcompressor.py
+
+# the README's table of results and docs/img/results.png, from the JSON above (issue 17)
+$BIN/python bench/readme_results.py

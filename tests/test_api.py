@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llm_surgeon
-from llm_surgeon.methods.surgeon import check_nm
+from llm_surgeon.methods.nm import check_nm
 from llm_surgeon.models.layouts import decoder_linears
 from tests.conftest import SAMPLE_TEXT, tiny_model
 

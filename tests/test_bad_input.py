@@ -1,4 +1,4 @@
-"""Every row of the README's table of rejected input: one line on stderr, exit status 2, no
+"""Every row of the rejected-input table (docs/bad-input.md): one line on stderr, exit status 2, no
 traceback, and nothing written to the output folder."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def bad_texts(tmp_path_factory):
     return {"binary": binary}
 
 
-# (row of the README table, extra arguments, fragment of the message)
+# (row of the docs/bad-input.md table, extra arguments, fragment of the message)
 ROWS = [
     ("sparsity outside [0, 1)", ["--sparsity", "1.0"], "[0, 1)"),
     ("N >= M", ["--structure", "4:4"], "0 < N < M"),
@@ -105,13 +105,13 @@ def test_resume_without_checkpoint(capsys, tmp_path):
 def test_readme_table_lists_every_row():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "bad-input.md").read_text()
     for row, _, _fragment in ROWS:
         assert f"| {row} |" in readme, row
 
 
 # ---- issue 13: every input that used to end in a traceback, or to do harm -------------------
-# (row of the README table, how to build the command, fragment of the message); the command
+# (row of docs/bad-input.md, how to build the command, fragment of the message); the command
 # builder gets a context and returns argv. Each must also leave every file as it was.
 
 
@@ -478,6 +478,6 @@ def test_more_rejected_input(capsys, monkeypatch, tiny_model_dirs, sample_text_f
 
 
 def test_readme_table_lists_every_new_row():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "bad-input.md").read_text()
     for row, _, _fragment in MORE_ROWS:
         assert f"| {row} |" in readme, row

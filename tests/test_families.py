@@ -15,8 +15,8 @@ from llm_surgeon import load
 from llm_surgeon.config import PruneConfig
 from llm_surgeon.driver import augmented_weight, prune
 from llm_surgeon.errors import UserError
+from llm_surgeon.io import save_atomically
 from llm_surgeon.models.layouts import count_parameters, decoder_linears, layout_for
-from llm_surgeon.models.load import save_atomically
 from llm_surgeon.models.shrink import SIZES_KEY, config_can_say, layer_sizes, shrink_model
 from llm_surgeon.models.units import unit_groups
 from tests.model_zoo import ZOO, zoo_model
@@ -211,7 +211,8 @@ def test_fused_unit_costs_equal_exact_joint_cost(family, kind):
     """A fused linear's share of a unit is scattered over its rows; its surgeon cost, computed
     on the relabelled problem, equals the exact joint structured cost of exactly those rows."""
     from llm_surgeon.methods.base import Curvature
-    from llm_surgeon.methods.surgeon import SurgeonMethod, kron_factors, structured_cost
+    from llm_surgeon.methods.surgeon import SurgeonMethod, kron_factors
+    from tests.oracles import structured_cost
 
     g = next(g for g in unit_groups(zoo_model(family)) if g.kind == kind)
     part = next(p for p in g.parts if p.pieces)

@@ -8,8 +8,8 @@ import torch
 
 from llm_surgeon.driver import prune, run_layerwise
 from llm_surgeon.methods.base import LayerwiseMethod
+from llm_surgeon.methods.nm import check_nm
 from llm_surgeon.methods.sparsegpt import SparseGPTMethod
-from llm_surgeon.methods.surgeon import check_nm
 from llm_surgeon.methods.wanda import WandaMethod
 from llm_surgeon.models.layouts import decoder_linears
 from llm_surgeon.structures import NM, Unstructured

@@ -168,7 +168,7 @@ def test_nm_projection_is_the_exact_euclidean_projection():
 
 
 def test_nm_maiht_is_monotone_valid_and_beats_wanda_nm():
-    from llm_surgeon.methods.surgeon import check_nm
+    from llm_surgeon.methods.nm import check_nm
     from llm_surgeon.methods.wanda import wanda_mask, wanda_scores
 
     X, W = _problem(seed=3, rows=8, cols=16, n=80)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from llm_surgeon.cli import main
 from llm_surgeon.config import PruneConfig
 from llm_surgeon.driver import augmented_weight, prune
-from llm_surgeon.methods.surgeon import assert_nm
+from llm_surgeon.methods.nm import assert_nm
 from llm_surgeon.models.layouts import decoder_linears
 
 

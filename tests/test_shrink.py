@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
+from llm_surgeon.io import save_atomically
 from llm_surgeon.models.layouts import count_parameters, decoder_linears
-from llm_surgeon.models.load import save_atomically
 from llm_surgeon.models.shrink import SIZES_KEY, layer_sizes, load_pruned, shrink_model
 from llm_surgeon.models.units import remove_dead_units, unit_groups
 from tests.conftest import FAMILIES, tiny_model

@@ -1,4 +1,5 @@
-"""Exactness tests for the LLM Surgeon math (methods/surgeon.py, methods/threshold.py).
+"""Exactness tests for the LLM Surgeon math (methods/surgeon/, methods/nm.py, methods/threshold.py,
+and the oracles in tests/oracles.py).
 
 Brute force: the full Hessian H = G ⊗ A (row-major vec) and the KKT system
 
@@ -13,8 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llm_surgeon.methods import nm as NM
 from llm_surgeon.methods import surgeon as S
 from llm_surgeon.methods import threshold as T
+from tests import oracles as O
 
 F64 = torch.float64
 RTOL = 1e-6
@@ -70,7 +73,7 @@ def test_kron_quadratic_is_vec_form():
     W, G, A, _, _ = _problem()
     dW = torch.randn_like(W)
     vec = dW.reshape(-1)
-    _close(S.kron_quadratic(dW, G, A), 0.5 * vec @ torch.kron(G, A) @ vec)
+    _close(O.kron_quadratic(dW, G, A), 0.5 * vec @ torch.kron(G, A) @ vec)
 
 
 def test_damp_and_spd_inverse():
@@ -114,7 +117,7 @@ def test_element_costs_and_updates_equal_single_weight_kkt():
             m[i, j] = True
             d, c = _kkt(W, G, A, m)
             _close(costs[i, j], c)
-            _close(S.element_update(W, Gi, Ai, i, j), d)
+            _close(O.element_update(W, Gi, Ai, i, j), d)
 
 
 def test_correlated_update_matches_kkt():
@@ -125,7 +128,7 @@ def test_correlated_update_matches_kkt():
     dW, cost = S.correlated_update(W, Gi, Ai, mask)
     _close(dW, d)
     _close(cost, c)
-    _close(S.kron_quadratic(dW, G, A), c)
+    _close(O.kron_quadratic(dW, G, A), c)
     assert float((W + dW)[mask].abs().max()) < 1e-10
 
 
@@ -201,7 +204,7 @@ def test_prune_unstructured_large_removal_approximations():
     _close(cg.weight, exact.weight, rtol=1e-6)
     _close(cg.loss, exact.loss, rtol=1e-8)
     base = exact.baseline_loss
-    _close(base, S.kron_quadratic(torch.where(mask, -W, 0.0), G, A))
+    _close(base, O.kron_quadratic(torch.where(mask, -W, 0.0), G, A))
     default = S.prune_unstructured(W, G, A, mask, max_correlate=0)
     assert default.lower_bound <= exact.loss * (1 + 1e-9)
     assert exact.loss <= default.loss <= exact.loss * (1 + 1e-3)
@@ -213,7 +216,7 @@ def test_prune_unstructured_large_removal_approximations():
         default,
     ):
         assert bool((res.weight[mask] == 0).all())
-        _close(res.loss, S.kron_quadratic(res.weight - W, G, A))
+        _close(res.loss, O.kron_quadratic(res.weight - W, G, A))
         assert exact.loss * (1 - 1e-9) <= res.loss <= base
     chunked = S.prune_unstructured(W, G, A, mask, max_correlate=100, method="chunked")
     assert chunked.iterations == -(-int(mask.sum()) // 100)
@@ -255,7 +258,7 @@ def test_rows_and_columns_match_kkt(rows, cols):
     dW, cost = S.structured_update(W, G, A, Gi, Ai, rows, cols)
     _close(dW, d)
     _close(cost, c)
-    _close(S.structured_cost(W, G, A, Gi, Ai, rows, cols), c)
+    _close(O.structured_cost(W, G, A, Gi, Ai, rows, cols), c)
     W_new, cost2 = S.prune_structured(W, G, A, Gi, Ai, torch.tensor(rows, dtype=torch.long),
                                       torch.tensor(cols, dtype=torch.long))
     assert bool((W_new[rows] == 0).all()) and bool((W_new[:, cols] == 0).all())
@@ -278,8 +281,8 @@ def test_row_and_column_closed_forms():
     # bool masks are accepted as index sets
     rows_mask = torch.zeros(6, dtype=torch.bool)
     rows_mask[[1, 4]] = True
-    _close(S.structured_cost(W, G, A, Gi, Ai, rows=rows_mask),
-           S.structured_cost(W, G, A, Gi, Ai, rows=[1, 4]))
+    _close(O.structured_cost(W, G, A, Gi, Ai, rows=rows_mask),
+           O.structured_cost(W, G, A, Gi, Ai, rows=[1, 4]))
 
 
 def test_group_costs_vectorised():
@@ -305,14 +308,14 @@ def test_coupled_unit():
     f = [S.kron_factors(G, A, rel_damp_g=0.0, rel_damp_a=0.0) for G, A in
          ((Gg, Ag), (Gu, Au), (Gd, Ad))]
     c = 3
-    parts = [S.UnitPart(Wg, f[0], rows=[c]), S.UnitPart(Wu, f[1], rows=[c]),
-             S.UnitPart(Wd, f[2], cols=[c])]
+    parts = [O.UnitPart(Wg, f[0], rows=[c]), O.UnitPart(Wu, f[1], rows=[c]),
+             O.UnitPart(Wd, f[2], cols=[c])]
     refs = [_kkt(Wg, Gg, Ag, _rc_mask(Wg.shape, rows=[c])),
             _kkt(Wu, Gu, Au, _rc_mask(Wu.shape, rows=[c])),
             _kkt(Wd, Gd, Ad, _rc_mask(Wd.shape, cols=[c]))]
     total = sum(float(r[1]) for r in refs)
-    _close(S.coupled_unit_cost(parts), total)
-    new, cost = S.prune_coupled_unit(parts)
+    _close(O.coupled_unit_cost(parts), total)
+    new, cost = O.prune_coupled_unit(parts)
     _close(cost, total)
     for Wn, W, (d, _) in zip(new, (Wg, Wu, Wd), refs, strict=True):
         _close(Wn, W + d)
@@ -330,46 +333,46 @@ def test_coupled_unit():
 def test_nm_mask_and_validator(n, m):
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(5, 16, generator=g, dtype=F64)
-    mask = S.nm_mask(scores, n, m)
+    mask = NM.nm_mask(scores, n, m)
     per_group = mask.reshape(5, 16 // m, m).sum(-1)
     assert bool((per_group == m - n).all())
-    assert S.check_nm(~mask, n, m)
+    assert NM.check_nm(~mask, n, m)
     W = torch.randn(5, 16, generator=g, dtype=F64)
-    assert S.check_nm(torch.where(mask, 0.0, W), n, m)
-    assert not S.check_nm(W, n, m)
+    assert NM.check_nm(torch.where(mask, 0.0, W), n, m)
+    assert not NM.check_nm(W, n, m)
     # the removed ones are the lowest scores of their group
     grp = scores.reshape(5, -1, m)
     mk = mask.reshape(5, -1, m)
     assert bool((grp[mk].reshape(5, -1, m - n).amax(-1)
                  <= grp[~mk].reshape(5, -1, n).amin(-1)).all())
-    _close(S.nm_group_costs(scores, n, m), grp.sort(-1).values[..., : m - n].sum(-1))
+    _close(NM.nm_group_costs(scores, n, m), grp.sort(-1).values[..., : m - n].sum(-1))
 
 
 def test_nm_bias_column_groups_and_errors():
     g = torch.Generator().manual_seed(1)
     W = torch.randn(3, 9, generator=g, dtype=F64)  # 8 inputs + bias column
-    mask = S.nm_mask(W.abs(), 2, 4, n_groupable_cols=8)
+    mask = NM.nm_mask(W.abs(), 2, 4, n_groupable_cols=8)
     assert not bool(mask[:, 8].any())
     assert int(mask.sum()) == 3 * 2 * 2
     pruned = torch.where(mask, 0.0, W)
-    assert S.check_nm(pruned, 2, 4, n_groupable_cols=8)
+    assert NM.check_nm(pruned, 2, 4, n_groupable_cols=8)
     bad = pruned.clone()
     bad[1, 4:8] = 1.0  # three or four nonzeros in one group
-    assert not S.check_nm(bad, 2, 4, n_groupable_cols=8)
+    assert not NM.check_nm(bad, 2, 4, n_groupable_cols=8)
     with pytest.raises(ValueError, match=r"row 1, columns 4\.\.7"):
-        S.assert_nm(bad, 2, 4, n_groupable_cols=8)
-    S.assert_nm(pruned, 2, 4, n_groupable_cols=8)
+        NM.assert_nm(bad, 2, 4, n_groupable_cols=8)
+    NM.assert_nm(pruned, 2, 4, n_groupable_cols=8)
     with pytest.raises(ValueError, match="divide"):
-        S.nm_mask(W, 2, 4)  # 9 columns
+        NM.nm_mask(W, 2, 4)  # 9 columns
     with pytest.raises(ValueError, match="N < M"):
-        S.nm_mask(W, 4, 4, n_groupable_cols=8)
+        NM.nm_mask(W, 4, 4, n_groupable_cols=8)
     with pytest.raises(ValueError, match="N < M"):
-        S.check_nm(W, 0, 4, n_groupable_cols=8)
+        NM.check_nm(W, 0, 4, n_groupable_cols=8)
     groups = torch.tensor([[True, False], [False, False], [True, True]])
-    part = S.nm_mask(W.abs(), 2, 4, n_groupable_cols=8, groups=groups)
+    part = NM.nm_mask(W.abs(), 2, 4, n_groupable_cols=8, groups=groups)
     assert int(part.sum()) == 2 * 3
     assert not bool(part[1].any()) and not bool(part[0, 4:].any())
-    ties = S.nm_mask(torch.zeros(1, 4), 2, 4)
+    ties = NM.nm_mask(torch.zeros(1, 4), 2, 4)
     assert ties.tolist() == [[True, True, False, False]]  # ties: lower column first
 
 
@@ -463,8 +466,8 @@ def test_nm_eligible_costs_reach_exact_nm_globally():
     assert sum(int(m.sum()) for m in half.values()) == total // 4
     final = T.global_masks(elig, total)  # more than eligible: exactly every group's 2 cheapest
     for k, m in final.items():
-        assert torch.equal(m, S.nm_mask(layers[k], 2, 4, n_groupable_cols=groupable[k]))
-        assert S.check_nm(~m, 2, 4, n_groupable_cols=groupable[k])
+        assert torch.equal(m, NM.nm_mask(layers[k], 2, 4, n_groupable_cols=groupable[k]))
+        assert NM.check_nm(~m, 2, 4, n_groupable_cols=groupable[k])
 
 
 def test_select_rows_columns_counts_overlaps_once():
@@ -526,3 +529,27 @@ def test_a_dead_layer_costs_nothing_and_is_zeroed_without_update():
     live = Curvature(A=X.T @ X / 20, G=torch.eye(6))
     m.prepare(live, 0.1, 0.01)
     assert not live.flat and live.Ginv is not None
+
+
+def test_prepared_leaves_the_curvature_it_receives_alone():
+    """``SurgeonMethod.prepared`` returns new damped factors and their inverses; the input keeps
+    its undamped factors and no inverses. The in-place ``prepare`` writes exactly those fields."""
+    from llm_surgeon.methods.base import Curvature
+    from llm_surgeon.methods.surgeon import SurgeonMethod
+
+    gen = torch.Generator().manual_seed(3)
+    X, Y = torch.randn(30, 5, generator=gen), torch.randn(30, 6, generator=gen)
+    A, G = X.T @ X / 30, Y.T @ Y / 30
+    curv = Curvature(A=A.clone(), G=G.clone(), count=30)
+    m = SurgeonMethod(compute_dtype=F64)
+    new = m.prepared(curv, 0.1, 0.01, name="x")
+    assert torch.equal(curv.A, A) and torch.equal(curv.G, G)
+    assert curv.Ainv is None and curv.Ginv is None and not curv.flat
+    assert new is not curv and new.count == 30 and not new.flat
+    _close(new.G, S.damp(G.double(), 0.1))
+    _close(new.A, S.damp(A.double(), 0.01))
+    _close(new.Ginv @ new.G, torch.eye(6, dtype=F64))
+    _close(new.Ainv @ new.A, torch.eye(5, dtype=F64))
+    m.prepare(curv, 0.1, 0.01, name="x")
+    for f in ("A", "G", "Ainv", "Ginv"):
+        assert torch.equal(getattr(curv, f), getattr(new, f))

@@ -544,6 +544,27 @@ def atomic_folder(target: str | Path, kind: str = "output") -> Iterator[Path]:
             os.close(fd)
 
 
+def save_atomically(
+    model: Any, tokenizer: Any, target: str | Path, extra_files: dict[str, str] | None = None
+) -> None:
+    """Save a model (safetensors) and tokenizer to ``target`` through a temporary sibling folder.
+
+    The folder appears under its final name only once it is complete; an existing ``target`` is
+    replaced.
+    """
+    with atomic_folder(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_extras(tmp, tokenizer, extra_files)
+
+
+def write_extras(folder: Path, tokenizer: Any, extra_files: dict[str, str] | None) -> None:
+    """The tokenizer and extra text files (e.g. report.json) next to the weights."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
+
+
 def ensure_output_folder(folder: str | Path, kind: str = "output") -> None:
     """Create ``folder`` as one of our outputs (with an empty marker) if it does not exist."""
     folder = Path(folder)

@@ -60,10 +60,9 @@ from llm_surgeon.layerwise import (
     at_layer,
     capture_layer_inputs,
     prune_layer_linears,
-    rank_units,
-    remove_scored_units,
 )
 from llm_surgeon.methods.base import Costs, Curvature, Method, Passes
+from llm_surgeon.methods.unit_scoring import rank_units, remove_scored_units
 from llm_surgeon.models.layouts import TargetLinear
 from llm_surgeon.models.offload import release_free_memory
 from llm_surgeon.models.units import unit_groups
@@ -151,11 +150,12 @@ def check_finite(curv: dict[str, Curvature]) -> None:
                 )
 
 
-def prepare_curvature(method: Any, curv: Curvature, t: TargetLinear) -> None:
-    """Let a method that needs them (the surgeon) damp and invert one layer's factors (with
-    its settings' damping); an unusable factor becomes a one-line error naming the layer."""
+def prepare_curvature(method: Any, curv: Curvature, t: TargetLinear) -> Curvature:
+    """One layer's curvature as the method prepares it (the surgeon: damped factors and their
+    inverses, with its settings' damping); an unusable factor becomes a one-line error naming
+    the layer."""
     try:
-        method.prepare(curv, name=t.name)
+        return method.prepared(curv, name=t.name)
     except ValueError as exc:
         raise UserError(
             f"curvature of {t.name} is unusable ({exc}); try more "
@@ -497,8 +497,7 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
                     shapes[t.name] = W.shape
                     if method.prepares:
                         # damped factors and their inverses, once: kept for the updates
-                        prepare_curvature(method, curv[t.name], t)
-                        c = curv[t.name]
+                        c = curv[t.name] = prepare_curvature(method, curv[t.name], t)
                         prepared[t.name] = (c.A, c.G, c.Ainv, c.Ginv, c.flat)
                     c = structure.costs(method, W, curv[t.name], t, state)
                     if structure.small_costs:

@@ -84,7 +84,7 @@ class MemoryLayers:
         restore(out_dir, targets, state)
 
     def save(self, tokenizer: Any, out_dir: Path, extra_files: dict[str, str]) -> None:
-        from llm_surgeon.models.load import save_atomically
+        from llm_surgeon.io import save_atomically
 
         save_atomically(self.model, tokenizer, out_dir, extra_files=extra_files)
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from llm_surgeon import distributed
 from llm_surgeon.config import FISHER_KINDS
+from llm_surgeon.curvature.factors import Curvature
 from llm_surgeon.models.layouts import TargetLinear
 
 
@@ -61,15 +62,6 @@ class _InputStats:
         out[d, :d] = self.xsum
         out[d, d] = self.count
         return out / n
-
-
-@dataclass
-class KroneckerFactors:
-    """A and G of one linear: ``A`` (in[+1])², ``G`` out², both means over ``count`` tokens."""
-
-    A: torch.Tensor
-    G: torch.Tensor
-    count: int
 
 
 @dataclass
@@ -145,9 +137,9 @@ class FactorCollector:
                 distributed.all_reduce_sum_(self.gsum[t.name])
                 self.gcount[t.name] = distributed.all_reduce_int(self.gcount[t.name])
 
-    def factors(self) -> dict[str, KroneckerFactors]:
+    def factors(self) -> dict[str, Curvature]:
         """The means A and G of every target from the running sums."""
-        out: dict[str, KroneckerFactors] = {}
+        out: dict[str, Curvature] = {}
         for t in self.targets:
             stats = self.inputs[self.input_of[t.name]]
             A = stats.second_moment(with_bias=t.has_bias)
@@ -155,7 +147,7 @@ class FactorCollector:
                 G = self.gsum[t.name] / max(self.gcount[t.name], 1)
             else:  # the output never received a gradient (unused layer): no information
                 G = torch.zeros(t.module.out_features, t.module.out_features, dtype=self.dtype)
-            out[t.name] = KroneckerFactors(A=A, G=G, count=stats.count)
+            out[t.name] = Curvature(A=A, G=G, count=stats.count)
         return out
 
     def attach(self) -> None:
@@ -254,7 +246,7 @@ def collect_kfac(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     desc: str = "curvature G⊗A",
-) -> dict[str, KroneckerFactors]:
+) -> dict[str, Curvature]:
     """Accumulate A and G for every target over all calibration windows (forward + backward)."""
     if fisher not in FISHER_KINDS:
         raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
@@ -312,13 +304,13 @@ def nearest_kronecker(
     model: nn.Module,
     targets: list[TargetLinear],
     windows: torch.Tensor,
-    init: dict[str, KroneckerFactors],
+    init: dict[str, Curvature],
     iters: int = 1,
     fisher: str = "empirical",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
-) -> dict[str, KroneckerFactors]:
+) -> dict[str, Curvature]:
     """The paper's nearest-Kronecker-product estimate of the Fisher, instead of assuming a and g
     independent.
 
@@ -359,7 +351,7 @@ def nearest_kronecker(
     out = {}
     for k, f in init.items():
         a_norm = float(torch.linalg.matrix_norm(f.A))
-        out[k] = KroneckerFactors(
+        out[k] = Curvature(
             A=A_dir[k] * a_norm, G=G_dir[k] * (scale[k] / a_norm), count=f.count
         )
     return out

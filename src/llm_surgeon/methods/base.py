@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from llm_surgeon.curvature.factors import Curvature  # the one factor type, re-exported here
 from llm_surgeon.settings import NoSettings, Settings
 
 Counts = dict[str, tuple[int, int]]  # target name -> (zeros, total) after a pass
@@ -50,23 +51,6 @@ class Passes:
     global_shot: Pass  # (run, sparsity, windows, shot): curvature, costs, threshold, updates
     layerwise_pass: Pass  # (run, sparsity, windows): layer after layer from H = XᵀX
     unit_scoring_pass: Pass  # (run, sparsity, windows): scores, one ranking, compensation
-
-
-@dataclass
-class Curvature:
-    """What a method knows about the loss around one layer: Kronecker factors or nothing.
-
-    ``A`` is E[ā āᵀ] of the (bias-augmented) inputs, ``G`` is E[g gᵀ] of output gradients;
-    either is ``None`` when the method does not use it (identity).
-    """
-
-    A: torch.Tensor | None = None
-    G: torch.Tensor | None = None
-    Ainv: torch.Tensor | None = None  # filled by methods that need inverses (surgeon)
-    Ginv: torch.Tensor | None = None
-    # A factor that is exactly zero (no gradient reached the outputs, or every input is zero):
-    # the loss is flat in this layer's weights, so removing any of them costs nothing.
-    flat: bool = False
 
 
 @dataclass
@@ -124,7 +108,7 @@ class GlobalMethod(Method):
     # (costs without a common scale across layers, e.g. a curvature without G)
     allocation: ClassVar[Literal["global", "layer"]] = "global"
     updates: ClassVar[bool] = False  # whether ``apply`` changes the remaining weights
-    # whether ``prepare`` turns the curvature into what costs and updates read (damped
+    # whether ``prepared`` turns the curvature into what costs and updates read (damped
     # factors and inverses), kept through the shot instead of the raw factors
     prepares: ClassVar[bool] = False
 
@@ -135,10 +119,10 @@ class GlobalMethod(Method):
                    shot: int) -> Counts:
         return passes.global_shot(run, sparsity, windows, shot)
 
-    def prepare(self, curv: Curvature, damp_g: float | None = None,
-                damp_a: float | None = None, name: str = "layer") -> None:
-        """Turn one layer's raw curvature into what the costs and updates read (in place);
-        a ValueError names what is unusable."""
+    def prepared(self, curv: Curvature, name: str = "layer") -> Curvature:
+        """One layer's raw curvature turned into what the costs and updates read (a new
+        object; ``curv`` as it is by default); a ValueError names what is unusable."""
+        return curv
 
     @abstractmethod
     def element_costs(self, W: torch.Tensor, curv: Curvature) -> torch.Tensor:

@@ -13,6 +13,9 @@ Under F = G ⊗ A this gives, for W of shape (out, in):
     a column c:          ½ A_cc · w_cᵀ G w_c
 
 with G = I or A = I where the method has no such factor (a missing factor is passed as None).
+The functions are named ``obd_*`` and all take ``(W, G, A)``: they are the costs of *zeroing*
+under the factors themselves, not the surgeon's costs with the others free to move
+(:mod:`llm_surgeon.methods.surgeon.costs`, which take inverse factors).
 """
 
 from __future__ import annotations
@@ -30,19 +33,22 @@ def _diag(M: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.diagonal(M).to(like.dtype)
 
 
-def element_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+def obd_element_costs(W: torch.Tensor, G: torch.Tensor | None,
+                      A: torch.Tensor | None) -> torch.Tensor:
     """½ W_ij² G_ii A_jj for every weight (shape of W)."""
     out, inp = W.shape
     return 0.5 * W.square() * _diag(G, out, W)[:, None] * _diag(A, inp, W)[None, :]
 
 
-def row_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+def obd_row_costs(W: torch.Tensor, G: torch.Tensor | None,
+                  A: torch.Tensor | None) -> torch.Tensor:
     """½ G_rr · w_rᵀ A w_r for every row r (shape (out,))."""
     quad = W.square().sum(1) if A is None else ((W @ A.to(W.dtype)) * W).sum(1)
     return 0.5 * _diag(G, W.shape[0], W) * quad
 
 
-def column_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+def obd_column_costs(W: torch.Tensor, G: torch.Tensor | None,
+                     A: torch.Tensor | None) -> torch.Tensor:
     """½ A_cc · w_cᵀ G w_c for every column c (shape (in,))."""
     quad = W.square().sum(0) if G is None else ((G.to(W.dtype) @ W) * W).sum(0)
     return 0.5 * _diag(A, W.shape[1], W) * quad
@@ -58,7 +64,7 @@ def _diag_blocks(M: torch.Tensor | None, n_groups: int, width: int,
     return M.to(like.dtype)[idx[:, :, None], idx[:, None, :]]
 
 
-def row_group_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None,
+def obd_row_group_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None,
                     width: int) -> torch.Tensor:
     """Zeroing cost of each block R_g of ``width`` consecutive rows (a head's rows, an MLP
     channel's row):  ½ Σ_{r,s∈R_g} G_rs · w_rᵀ A w_s = ½ tr(G_RR W_R A W_Rᵀ)."""
@@ -69,7 +75,7 @@ def row_group_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | N
     return 0.5 * (_diag_blocks(G, n, width, W) * M).sum((1, 2))
 
 
-def column_group_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None,
+def obd_column_group_costs(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor | None,
                        width: int, n_groups: int) -> torch.Tensor:
     """Zeroing cost of each block C_g of ``width`` consecutive columns among the first
     ``n_groups · width`` (a bias column after them is never part of a unit):
@@ -99,20 +105,20 @@ class ZeroingMethod(GlobalMethod):
         return (curv.G if self.use_G else None), (curv.A if self.use_A else None)
 
     def element_costs(self, W: torch.Tensor, curv: Curvature | None) -> torch.Tensor:
-        return element_costs(W, *self._factors(curv))
+        return obd_element_costs(W, *self._factors(curv))
 
     def line_costs(self, W: torch.Tensor, curv: Curvature | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         G, A = self._factors(curv)
-        return row_costs(W, G, A), column_costs(W, G, A)
+        return obd_row_costs(W, G, A), obd_column_costs(W, G, A)
 
     def unit_costs(self, W: torch.Tensor, curv: Curvature | None, axis: str, width: int,
                    count: int) -> torch.Tensor:
         """Zeroing cost of this layer's share of each of ``count`` coupled units."""
         G, A = self._factors(curv)
         if axis == "rows":
-            return row_group_costs(W, G, A, width)
-        return column_group_costs(W, G, A, width, count)
+            return obd_row_group_costs(W, G, A, width)
+        return obd_column_group_costs(W, G, A, width, count)
 
     def apply(self, W: torch.Tensor, curv: Curvature | None, removal: Removal) -> torch.Tensor:
         return zero_removed(W, removal)

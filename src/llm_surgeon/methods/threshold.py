@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from llm_surgeon.methods.surgeon import nm_group_costs, nm_mask
+from llm_surgeon.methods.nm import nm_group_costs, nm_mask
 
 __all__ = [
     "Selection",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from llm_surgeon.errors import UserError
+from llm_surgeon.io import atomic_folder, write_extras
 
 log = logging.getLogger(__name__)
 
@@ -134,41 +135,6 @@ def _load_gguf(path: Path) -> tuple[Any, Any]:
     with contextlib.suppress(AttributeError):
         model.is_quantized = False
     return model, tokenizer
-
-
-def atomic_folder(target: Path, kind: str = "output") -> contextlib.AbstractContextManager[Path]:
-    """See :func:`llm_surgeon.io.atomic_folder` (kept here for the old call sites)."""
-    from llm_surgeon.io import atomic_folder as _atomic_folder
-
-    return _atomic_folder(target, kind)
-
-
-def save_atomically(
-    model: Any, tokenizer: Any, target: Path, extra_files: dict[str, str] | None = None
-) -> None:
-    """Save a model (safetensors) and tokenizer to ``target`` through a temporary sibling folder.
-
-    The folder appears under its final name only once it is complete; an existing ``target`` is
-    replaced.
-    """
-    with atomic_folder(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        write_extras(tmp, tokenizer, extra_files)
-
-
-def write_extras(folder: Path, tokenizer: Any, extra_files: dict[str, str] | None) -> None:
-    """The tokenizer and extra text files (e.g. report.json) next to the weights."""
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    for name, text in (extra_files or {}).items():
-        (folder / name).write_text(text)
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """See :func:`llm_surgeon.io.replace_dir` (kept here for the old call sites)."""
-    from llm_surgeon.io import replace_dir as _replace_dir
-
-    _replace_dir(tmp, target)
 
 
 def load_tokenizer(source: str) -> Any:

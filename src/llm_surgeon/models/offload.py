@@ -284,7 +284,7 @@ def save_offloaded(model: nn.Module, store: LayerStore, tokenizer: Any, target: 
     through a temporary sibling folder, so ``target`` never appears half-written."""
     from safetensors.torch import load_file, save_file
 
-    from llm_surgeon.models.load import atomic_folder, write_extras
+    from llm_surgeon.io import atomic_folder, write_extras
 
     with atomic_folder(target) as tmp:
         n_shards = len(store) + 1
