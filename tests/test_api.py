@@ -103,3 +103,26 @@ def test_help_documents_the_entry_point():
     for word in ("model", "tokenizer", "text_or_windows", "method", "structure", "sparsity",
                  "shots", "eval_data", "output", "method_settings", "Example", "PruneResult"):
         assert word in doc
+
+
+def test_readme_example_calls_the_real_signature():
+    """The README's Python example uses only arguments prune_model takes and attributes its
+    result has (it cannot run here: it loads a model by path)."""
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", readme, flags=re.S))
+    calls = [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and n.func.attr == "prune_model"]
+    assert calls, "the README shows prune_model"
+    params = inspect.signature(llm_surgeon.prune_model).parameters
+    settings_ok = {"max_correlate", "damp_g", "damp_a", "blocksize", "percdamp", "seed"}
+    for call in calls:
+        assert len(call.args) <= 3
+        for kw in call.keywords:
+            assert kw.arg in params or kw.arg in settings_ok, kw.arg
+    used = set(re.findall(r"result\.(\w+)", code))
+    assert used <= {"model", "report", "output", "sparsity", "ppl", "ppl_dense"}, used
