@@ -44,7 +44,7 @@ class EvenColumns(Structure):
 class ScaledSettings(Settings):
     """Toy settings: a power of the activation norm."""
 
-    power: float = setting(1.0, "toy: power of ‖X_j‖ in the cost")
+    power: float = setting(1.0, "toy: power of ‖X_j‖ in the cost", bounds=(0.0, 4.0))
 
 
 @register_method
@@ -95,6 +95,7 @@ def test_toy_method_and_toy_structure_prune_a_tiny_model(tiny_tok):
     assert result.report["structure"] == "even-columns"
     assert result.report["even_columns_checked"] == len(decoder_linears(model))  # finish ran
     assert set(ActivationScaled.seen_powers) == {0.5}  # its own settings reached it
+    assert result.report["settings"]["power"] == 0.5  # and are recorded with the run's
     assert len(result.report["shots"]) == 2
     z = n = 0
     for t in decoder_linears(model):
@@ -131,6 +132,14 @@ def test_toy_layerwise_method_with_nm(tiny_tok):
     with pytest.raises(llm_surgeon.UserError, match="does not support --structure"):
         llm_surgeon.prune_model(model, tiny_tok, SAMPLE_TEXT, method="toy-rows",
                                 structure="even-columns")
+
+
+def test_toy_settings_are_checked_like_the_built_ins(tiny_tok):
+    model = tiny_model("llama")
+    with pytest.raises(llm_surgeon.UserError, match=r"--power must be in \[0.0, 4.0\]"):
+        llm_surgeon.prune_model(model, tiny_tok, SAMPLE_TEXT, method="toy-scaled", power=9.0)
+    with pytest.raises(llm_surgeon.UserError, match="unknown setting 'mu'"):
+        llm_surgeon.prune_model(model, tiny_tok, SAMPLE_TEXT, method="toy-scaled", mu=1.0)
 
 
 def test_registering_a_non_method_is_refused():

@@ -138,6 +138,7 @@ def prune_model(model: Any, tokenizer: Any, text_or_windows: Any, method: str = 
                             f"(its settings: {', '.join(k for k, _ in plugin.Settings.declared())}"
                             "; or a run setting such as seed, batch_size, fisher)")
     settings = plugin.Settings(**knobs)
+    settings.check()
     given = isinstance(text_or_windows, torch.Tensor) and text_or_windows.ndim == 2
     if not (given or isinstance(text_or_windows, str)):
         raise UserError("prune_model: text_or_windows must be a string or a 2-D tensor of "

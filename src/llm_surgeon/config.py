@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field, fields, make_dataclass
 
 from llm_surgeon.errors import UserError
-from llm_surgeon.settings import declared_settings
+from llm_surgeon.settings import check_bounded, declared_settings, flag
 
 FISHER_KINDS = ("empirical", "sampled")
 CURVATURE_PASSES = ("sweep", "hooks")
@@ -37,27 +37,12 @@ for _key, _f in declared_settings().items():  # every method's settings, from se
         (_OPEN_LOW if _f.metadata["open_low"] else BOUNDS)[_key] = _f.metadata["bounds"]
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def check_number(name: str, value: object) -> None:
     """One setting's number: the right type, finite, inside its bounds (one-line errors)."""
     if name in BOUNDS:
-        lo, hi = BOUNDS[name]
-        kind = int if isinstance(lo, int) else float
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                kind is int and not isinstance(value, int)):
-            raise UserError(f"{flag(name)} must be {'an integer' if kind is int else 'a number'}"
-                            f", got {value!r}")
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise UserError(f"{flag(name)} must be in [{lo}, {hi}], got {value!r}")
+        check_bounded(name, value, BOUNDS[name])
     elif name in _OPEN_LOW:
-        lo, hi = _OPEN_LOW[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{flag(name)} must be a number, got {value!r}")
-        if not math.isfinite(value) or not lo < value <= hi:
-            raise UserError(f"{flag(name)} must be in ({lo:g}, {hi:g}], got {value!r}")
+        check_bounded(name, value, _OPEN_LOW[name], open_low=True)
 
 
 @dataclass

@@ -137,15 +137,16 @@ def calibration_set(tokenizer: Any, text: str, cfg: PruneConfig) -> torch.Tensor
     return calibration_windows(ids, cfg.calib_samples, cfg.seqlen, seed=cfg.seed)
 
 
-def report_header(cfg: PruneConfig, structure: Structure, target: float) -> dict[str, Any]:
+def report_header(cfg: PruneConfig, structure: Structure, target: float,
+                  method: Method | None = None) -> dict[str, Any]:
     """The first fields of every report: method, structure, target (resolved by the
-    structure: :meth:`~llm_surgeon.structures.Structure.target_sparsity`), settings,
-    environment."""
+    structure: :meth:`~llm_surgeon.structures.Structure.target_sparsity`), settings (with the
+    method's own, which a plug-in's may add), environment."""
     return {
         "method": cfg.method,
         "structure": str(structure),
         "sparsity_target": target,
-        "settings": asdict(cfg),
+        "settings": {**asdict(cfg), **(method.settings.record() if method else {})},
         "environment": {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -327,7 +328,7 @@ def run_passes(run: Run, target: float, windows: torch.Tensor,
                 eval_windows = eval_set()
             return perplexity(run, eval_windows, desc)["ppl"]
 
-    report = report_header(cfg, structure, target)
+    report = report_header(cfg, structure, target, run.method)
     report["store"] = {
         "kind": "memory" if store.all_resident else "disk",
         "max_memory_bytes": budget,

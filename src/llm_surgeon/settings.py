@@ -14,9 +14,36 @@ else needs to know its knobs. No torch import here: the command line loads this 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar
+
+from llm_surgeon.errors import UserError
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_bounded(name: str, value: object, bounds: tuple[float, float],
+                  open_low: bool = False) -> None:
+    """``value`` of the setting ``name``: the bounds' type (an int low bound: an integer),
+    finite, in [low, high] (or (low, high] with ``open_low``); one-line errors."""
+    lo, hi = bounds
+    if open_low:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{flag(name)} must be a number, got {value!r}")
+        if not math.isfinite(value) or not lo < value <= hi:
+            raise UserError(f"{flag(name)} must be in ({lo:g}, {hi:g}], got {value!r}")
+        return
+    kind = int if isinstance(lo, int) else float
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and not isinstance(value, int)):
+        raise UserError(f"{flag(name)} must be {'an integer' if kind is int else 'a number'}"
+                        f", got {value!r}")
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise UserError(f"{flag(name)} must be in [{lo}, {hi}], got {value!r}")
 
 
 def setting(default: Any, help: str, *, bounds: tuple[float, float] | None = None,
@@ -60,6 +87,13 @@ class Settings:
             if name in (key, f.name):
                 return f.name
         return None
+
+    def check(self) -> None:
+        """Every bounded setting in its range (one-line errors naming its flag)."""
+        for key, f in self.declared():
+            if f.metadata.get("bounds") is not None:
+                check_bounded(key, getattr(self, f.name), f.metadata["bounds"],
+                              f.metadata.get("open_low", False))
 
     def record(self) -> dict[str, Any]:
         """The settings under their flat keys."""
