@@ -9,7 +9,7 @@ Jobs: the surgeon at unstructured 50% and rows-columns 20%, 1 shot, 8 × 512 cal
 no evaluation. Each (job, layer count) runs in a fresh process (peak RSS = max of its
 ``ru_maxrss`` and the run's own folded peak; on CUDA also ``torch.cuda.max_memory_allocated``),
 through the driver's own phases (curvature,
-costs, threshold, update) with the inversions (``prepare``: damping and Cholesky inverses,
+costs, threshold, update) with the inversions (``prepared``: damping and Cholesky inverses,
 once per linear in the costs pass; the updates reuse them) timed apart. Every phase is linear in
 the layer count, so per layer = t(2 layers) − t(1 layer) and fixed = t(1) − per layer
 (embeddings, LM head, loading), and 32 layers ≈ fixed + 32 · per layer, here.
@@ -69,18 +69,19 @@ def one(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     calls: list[float] = []  # each linear is prepared once, in the costs pass
-    real = SurgeonMethod.prepare
+    real = SurgeonMethod.prepared  # damped factors and their inverses, once per linear
 
     def timed(self, *a, **k):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        real(self, *a, **k)
+        out = real(self, *a, **k)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         calls.append(time.perf_counter() - t0)
+        return out
 
-    SurgeonMethod.prepare = timed
+    SurgeonMethod.prepared = timed
     cfg = PruneConfig(model=args.model, method="surgeon", structure=args.structure,
                       sparsity=float(args.sparsity), shots=1, calib_samples=args.windows,
                       seqlen=args.seqlen, eval=False, max_memory=args.max_memory,

@@ -126,3 +126,39 @@ def test_readme_example_calls_the_real_signature():
             assert kw.arg in params or kw.arg in settings_ok, kw.arg
     used = set(re.findall(r"result\.(\w+)", code))
     assert used <= {"model", "report", "output", "sparsity", "ppl", "ppl_dense"}, used
+
+
+def test_prune_model_refuses_what_it_cannot_run_in_one_line():
+    """An unregistered structure object, eval windows of the wrong rank or longer than the
+    model's context: one-line UserErrors before any weight changes; the caller's global random
+    state and gradients are left as they were."""
+    import llm_surgeon
+    from llm_surgeon.errors import UserError
+    from llm_surgeon.structures import Unstructured
+    from tests.conftest import tiny_model
+
+    class Mine(Unstructured):
+        name = syntax = "mine-unregistered"
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = torch.randint(0, model.config.vocab_size, (2, 16),
+                            generator=torch.Generator().manual_seed(0))
+    bad = [dict(structure=Mine()), dict(eval_data=windows[0]),
+           dict(eval_data=torch.zeros(1, model.config.max_position_embeddings + 1,
+                                      dtype=torch.long))]
+    for kw in bad:
+        with pytest.raises(UserError) as err:
+            llm_surgeon.prune_model(model, None, windows, method="magnitude", shots=1, **kw)
+        assert "\n" not in str(err.value)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)
+    llm_surgeon.prune_model(model, None, windows, method="magnitude", shots=1, seed=7,
+                            time_plain_pass=True)
+    assert torch.equal(torch.rand(3), expected)  # the global generator did not move
+    assert torch.equal(model.lm_head.weight.grad, torch.ones_like(model.lm_head.weight))

@@ -115,12 +115,20 @@ def prune_model(model: Any, tokenizer: Any, text_or_windows: Any, method: str = 
     from llm_surgeon.config import PruneConfig, RunConfig
     from llm_surgeon.data.windows import calibration_windows, evaluation_windows, tokenize
     from llm_surgeon.driver import prune_loaded
+    from llm_surgeon.evaluate.runner import check_seqlen
     from llm_surgeon.io import check_output_path_usable
     from llm_surgeon.methods.registry import method_class
     from llm_surgeon.settings import LowRankSettings
     from llm_surgeon.structures import parse_structure
 
     shape = parse_structure(structure)
+    try:  # the run's record names the structure; that name must give back the same one
+        named = parse_structure(str(shape))
+    except UserError:
+        named = None
+    if named != shape:
+        raise UserError(f"prune_model: structure {shape!r} is not registered under {str(shape)!r}"
+                        ": register its class with llm_surgeon.structures.register_structure")
     plugin = method_class(method)
     # the run's own settings, and the low-rank correction between shots (any global method)
     run_keys = ({f.name for f in fields(RunConfig)} - _FIXED) | {
@@ -147,6 +155,9 @@ def prune_model(model: Any, tokenizer: Any, text_or_windows: Any, method: str = 
         calib_samples, seqlen = int(text_or_windows.shape[0]), int(text_or_windows.shape[1])
     given_eval = eval_data is not None and not isinstance(eval_data, str)
     ev = torch.as_tensor(eval_data).long() if given_eval else None
+    if ev is not None and (ev.ndim != 2 or ev.shape[0] == 0 or ev.shape[1] < 2):
+        raise UserError("prune_model: eval_data must be a string or a 2-D tensor of token ids "
+                        f"(windows, tokens), at least 2 tokens each; got shape {tuple(ev.shape)}")
     param = next(model.parameters())
     record = {**settings.record(), **run_settings}
     cfg = PruneConfig(
@@ -167,6 +178,11 @@ def prune_model(model: Any, tokenizer: Any, text_or_windows: Any, method: str = 
         ev = evaluation_windows(tokenize(tokenizer, eval_data), seqlen, eval_windows)
     if output is not None:
         check_output_path_usable(str(output))
-    report = prune_loaded(model, tokenizer, windows, cfg, plugin(settings), shape,
-                          eval_windows=ev, progress=progress)
+    if ev is not None:
+        check_seqlen(model, int(ev.shape[1]))
+    param_device = next(model.parameters()).device
+    # seeded like the CLI's run, without moving the caller's global random state
+    with torch.random.fork_rng(devices=[param_device] if param_device.type == "cuda" else []):
+        report = prune_loaded(model, tokenizer, windows, cfg, plugin(settings), shape,
+                              eval_windows=ev, progress=progress)
     return PruneResult(model, report, None if output is None else Path(output))

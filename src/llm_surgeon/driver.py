@@ -297,7 +297,7 @@ def prune_loaded(model: nn.Module, tokenizer: Any, windows: torch.Tensor, cfg: P
 
         report = run_passes(run, target, windows, eval_set, None,
                             budget_estimate(model, store, targets), None, None, None)
-        if out_dir is not None:
+        if out_dir is not None and distributed.is_main():  # one writer under torchrun
             store.save(tokenizer, out_dir,
                        extra_files={"report.json": json.dumps(report, indent=2) + "\n"})
         return report

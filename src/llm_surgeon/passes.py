@@ -683,17 +683,18 @@ def plain_pass_time(run: Run, windows: torch.Tensor) -> float:
         kfac_sweep(run, windows, run.cfg.seed, "plain forward+backward", collect=False)
         return time.perf_counter() - start
     model = run.model
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     try:
-        for p, _ in flags:
+        for p, _, _ in flags:
+            p.grad = None  # the caller's gradients are put back below
             p.requires_grad_(True)
         for batch in tqdm(run.batches(windows), desc="plain forward+backward", leave=False,
                           disable=not run.progress):
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
         elapsed = time.perf_counter() - start
     finally:
-        model.zero_grad(set_to_none=True)
-        for p, flag in flags:
+        for p, flag, grad in flags:
+            p.grad = grad
             p.requires_grad_(flag)
     return elapsed
 
