@@ -48,6 +48,9 @@ SPEED_TYPES = ("f16", "q8_0")
 THREADS = (1, 2)
 ROUNDS = 3
 PROMPT, NEW_TOKENS = 64, 128
+# decode speed: the 30 % uniform model exports as plain ``llama`` (the global one as ``deci``,
+# per-layer sizes), so the two show what the per-layer graph costs at about the same bytes
+SPEED_MODELS = ("dense", "hc20-global", "hc30-global", "hc30-uniform")
 
 
 def name_of(sparsity: float | None, layer_sizes: str | None) -> str:
@@ -193,7 +196,7 @@ def main() -> None:
                 f"plain|{name}", lambda spec=spec: plain_load_diff(spec))
         rows.append(row)
     result: dict = {"rows": rows, "conditions": conditions()}
-    speed_names = [n for n in ("dense", "hc20-global", "hc30-global") if n in files]
+    speed_names = [n for n in SPEED_MODELS if n in files]
     key = "speed|" + ",".join(speed_names)
     if "--no-speed" not in sys.argv:  # measured once per set of models (delete to remeasure)
         result["speed"] = cached(key, lambda: {"conditions": conditions(),
@@ -280,6 +283,8 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {t} | {th} | {v['dense']:.1f} | {v20} | "
                              f"{v['hc30-global']:.1f} | {up:.3f} | {ratio:.3f} | "
                              f"{up / ratio:.3f} |")
+    if s:
+        lines += speed_fit_lines(s, rows)
     missing = [n for s_, ls in PLAN if (n := name_of(s_, ls)) not in rows]
     if missing:
         lines += ["", f"Not in this table (prunes not run in the time this run had): "
@@ -289,6 +294,54 @@ def markdown(r: dict) -> str:
                   "threads wait on each other and the 2-thread figures are not reliable; the "
                   "1-thread ratios were stable across rounds (see results.json)."]
     return "\n".join(lines) + "\n"
+
+
+def fixed_step_time(ms: list[float], mb: list[float]) -> tuple[float, float]:
+    """Least-squares fit of a decode step's time over models of different sizes,
+
+        t = t0 + B / bw    (t in ms, B in MB of weights read per token),
+
+    returning (t0, bw in MB/ms = GB/s): ``t0`` is the time a step takes whatever the weights'
+    size (graph build, norms, attention over the cache, the threads' start and wait)."""
+    import numpy as np
+
+    X = np.stack([np.ones(len(mb)), np.asarray(mb)], axis=1)
+    (t0, slope), *_ = np.linalg.lstsq(X, np.asarray(ms), rcond=None)
+    return float(t0), float(1.0 / slope) if slope > 0 else float("inf")
+
+
+def speed_fit_lines(s: dict, rows: dict) -> list[str]:
+    """Step time against bytes read, per (type, threads): the fixed part of a step, and the
+    speed-up of the part that scales with the weights (what removing weights can buy)."""
+    mb = 1e6
+    lines = ["", "Step time against weight bytes read per token (the models of the table above; "
+             "`t = t0 + B / bw`, least squares): `t0` is the part of a decode step that does not "
+             "shrink with the weights; 'weight part' is the 30 % model's speed-up of `t - t0`.",
+             "", "| type | threads | " + " | ".join(f"{n} (ms/tok)" for n in SPEED_MODELS)
+             + " | t0 (ms) | bw (GB/s) | speed-up 30 % global | uniform (llama) vs global "
+             "(deci), per byte | weight part / bytes ratio |",
+             "|---|---|" + "---|" * (len(SPEED_MODELS) + 5)]
+    for t in SPEED_TYPES:
+        for th in THREADS:
+            names = [n for n in SPEED_MODELS if f"{t}|{th}|{n}" in s and n in rows]
+            if len(names) < 3 or "hc30-global" not in names:
+                continue
+            ms = {n: 1000.0 / s[f"{t}|{th}|{n}"]["median"] for n in names}
+            size = {n: rows[n]["bytes_per_token"][t] / mb for n in names}
+            t0, bw = fixed_step_time([ms[n] for n in names], [size[n] for n in names])
+            ratio = size["dense"] / size["hc30-global"]
+            up = ms["dense"] / ms["hc30-global"]
+            weight_up = (ms["dense"] - t0) / (ms["hc30-global"] - t0)
+            if "hc30-uniform" in names:  # time per MB of the llama graph over the deci graph
+                per_byte = ((ms["hc30-uniform"] / size["hc30-uniform"])
+                            / (ms["hc30-global"] / size["hc30-global"]))
+                uni = f"{per_byte:.3f}"
+            else:
+                uni = "–"
+            cells = " | ".join(f"{ms[n]:.2f}" if n in ms else "–" for n in SPEED_MODELS)
+            lines.append(f"| {t} | {th} | {cells} | {t0:.2f} | {bw:.1f} | {up:.3f} | {uni} | "
+                         f"{weight_up / ratio:.3f} |")
+    return lines
 
 
 if __name__ == "__main__":
