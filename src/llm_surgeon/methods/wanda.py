@@ -94,10 +94,11 @@ class WandaMethod:
     name = "wanda"
     kind = "layerwise"
     structures = ("unstructured", "nm")
+    statistic = "diagonal"  # the layer-wise pass may give diag(XᵀX) alone, a vector
 
     def prune_linear(self, W: torch.Tensor, H: torch.Tensor, structure, sparsity: float
                      ) -> torch.Tensor:
-        scores = wanda_scores(W, torch.diagonal(H))
+        scores = wanda_scores(W, H if H.ndim == 1 else torch.diagonal(H))
         if structure.kind == "nm":
             mask = wanda_mask(scores, n=structure.n, m=structure.m)
         else:
