@@ -117,9 +117,10 @@ def decoder_sparsity(model) -> float:
     return 1 - counts["params_decoder_linear_nonzero"] / counts["params_decoder_linear"]
 
 
-def prune_times(base, windows, methods: list[str], repeats: int) -> list[dict]:
+def prune_times(base, windows, methods: list[str], repeats: int, tokenizer=None) -> list[dict]:
     """Each method pruned by both sides, alternating which goes first, ``repeats`` times; wall
-    and CPU seconds of every prune, the load average around it, the sparsity reached."""
+    and CPU seconds of every prune, the load average around it, the sparsity reached; with a
+    ``tokenizer``, the perplexity of the first repeat's models too (outside the timing)."""
     prune_fns = {"ours": lambda m, meth: ours_prune(m, windows, meth),
                  "llmcompressor": lambda m, meth: llmcompressor_prune(m, windows, meth,
                                                                       "unstructured")}
@@ -137,6 +138,9 @@ def prune_times(base, windows, methods: list[str], repeats: int) -> list[dict]:
                              "cpu_s": cpu, "load_before": load_before,
                              "load_after": os.getloadavg()[0],
                              "sparsity": decoder_sparsity(model)})
+                if tokenizer is not None and rep == 0:
+                    runs[-1]["ppl"] = evaluate_loaded(model, tokenizer, "sotu", SEQLEN,
+                                                      EVAL_WINDOWS, desc="ppl")["ppl"]
                 print(runs[-1], flush=True)
                 del model
     return runs
@@ -175,22 +179,28 @@ def time_lines(result: dict) -> list[str]:
         "| ours: CPU s | llm-compressor: CPU s | ours / theirs (CPU) |",
         "|---|---|---|---|---|---|---|",
     ]
+    ppl = {(r["method"], r["side"]): r["ppl"] for r in t["runs"] if "ppl" in r}
     for r in t["summary"]:
         lines.append(f"| {r['method']} | {r['ours']['wall_s']:.1f} | "
                      f"{r['llmcompressor']['wall_s']:.1f} | {r['wall_ratio']:.2f} | "
                      f"{r['ours']['cpu_s']:.1f} | {r['llmcompressor']['cpu_s']:.1f} | "
                      f"{r['cpu_ratio']:.2f} |")
+    if ppl:
+        lines += ["", "Perplexity of the timed models (first repeat): " + "; ".join(
+            f"{m} ours {ppl[(m, 'ours')]:.2f}, llm-compressor {ppl[(m, 'llmcompressor')]:.2f}"
+            for m in dict.fromkeys(k[0] for k in ppl)) + "."]
     return lines
 
 
-def times_main(model_spec: str, out: Path, methods: list[str], repeats: int) -> None:
+def times_main(model_spec: str, out: Path, methods: list[str], repeats: int, ppl: bool
+               ) -> None:
     import llmcompressor
 
     out.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_model(model_spec)
     ids = tokenize(tokenizer, load_text("sotu", "train"), cache=cache_dir() / "tokens")
     windows = calibration_windows(ids, CALIB, SEQLEN, seed=SEED)
-    runs = prune_times(base, windows, methods, repeats)
+    runs = prune_times(base, windows, methods, repeats, tokenizer if ppl else None)
     path = out / "results.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     result["prune_time"] = {"model": model_spec, "threads": torch.get_num_threads(),
@@ -214,10 +224,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"])
     ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--eval", action="store_true",
+                    help="with --times: perplexity of the first repeat's models too")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.times:
-        times_main(args.model, args.out, args.methods, args.repeats)
+        times_main(args.model, args.out, args.methods, args.repeats, args.eval)
         return
 
     OUT.mkdir(parents=True, exist_ok=True)

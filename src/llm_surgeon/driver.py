@@ -66,6 +66,7 @@ from llm_surgeon.evaluate.runner import check_seqlen, eval_windows_for
 from llm_surgeon.evaluate.size import peak_rss_mb, reset_peak_rss
 from llm_surgeon.io import check_replaceable, remove_work_folder, work_folder
 from llm_surgeon.layerwise import (
+    StopLayer,
     at_layer,
     capture_layer_inputs,
     prune_layer_linears,
@@ -690,7 +691,8 @@ def layerwise_pass(run: Run, sparsity: float, windows: torch.Tensor
 
                 def run_all(layer: nn.Module = layer, ell: int = ell) -> None:
                     for b, kw in enumerate(kwargs):
-                        layer(states.load("h", ell, b), **at_layer(kw, ell))
+                        with contextlib.suppress(StopLayer):  # every input seen: stop early
+                            layer(states.load("h", ell, b), **at_layer(kw, ell))
 
                 prune_layer_linears(mine, run.method, run.structure, sparsity, run_all)
                 for b, kw in enumerate(kwargs):

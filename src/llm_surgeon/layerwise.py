@@ -128,15 +128,22 @@ def add_square_sums_(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+class StopLayer(Exception):
+    """Raised by :func:`prune_layer_linears`' hooks once every linear of the layer has seen its
+    input: the rest of that layer forward is not needed (``run_all`` suppresses it per batch)."""
+
+
 @torch.no_grad()
 def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod, structure: Structure,
                         sparsity: float, run_all: Any) -> None:
     """Prune the linears ``mine`` of one decoder layer: ``run_all()`` runs the layer over every
-    calibration batch while hooks sum H = XᵀX of each linear's input (in float64); then each
-    weight is replaced by ``method.prune_linear(W, H)``. A method whose ``statistic`` is
-    ``"diagonal"`` (Wanda) gets diag(H) only, a vector. Linears reading one input tensor
-    (q/k/v; gate/up) share the batch's product, computed once (upper block triangle,
-    :func:`~llm_surgeon.curvature.kfac.add_gram_`)."""
+    calibration batch (suppressing :class:`StopLayer` per batch: the forward stops before the
+    last linear, once every input is summed) while hooks sum H = XᵀX of each linear's input
+    (each batch's product in float32, or float64 for a float64 model; the sum over batches in
+    float64); then each weight is replaced by ``method.prune_linear(W, H)``. A method whose
+    ``statistic`` is ``"diagonal"`` (Wanda) gets diag(H) only, a vector. Linears reading one
+    input tensor (q/k/v; gate/up) share the batch's product, computed once (upper block
+    triangle, :func:`~llm_surgeon.curvature.kfac.add_gram_`)."""
     diagonal = getattr(method, "statistic", "gram") == "diagonal"
     sums: dict[int, torch.Tensor] = {}  # keyed by module
     # this batch's product of each input seen, keyed by tensor address; the tensor is kept so
@@ -147,8 +154,8 @@ def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod, struc
     for t in mine:
         key = id(t.module)
 
-        def hook(_m: Any, args: tuple, _out: Any, key: int = key) -> None:
-            if key in called:  # the layer runs its next batch
+        def hook(_m: Any, args: tuple, key: int = key) -> None:
+            if key in called:  # the layer runs its next batch (it did not stop)
                 batch.clear()
                 called.clear()
             called.add(key)
@@ -156,19 +163,25 @@ def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod, struc
             where = (x.data_ptr(), tuple(x.shape))
             seen = batch.get(where)
             if seen is None or seen[0] is not x:
-                rows = x.reshape(-1, x.shape[-1]).double()
+                rows = x.reshape(-1, x.shape[-1])
                 d = rows.shape[1]
                 if diagonal:
-                    product = add_square_sums_(rows.new_zeros(d), rows)
-                else:
-                    product = add_gram_(rows.new_zeros(d, d), rows)
+                    product = add_square_sums_(rows.new_zeros(d, dtype=torch.float64),
+                                               rows.double())
+                else:  # one batch's product in float32 (fast), summed over batches in float64
+                    rows = rows.float() if rows.dtype != torch.float64 else rows
+                    product = add_gram_(rows.new_zeros(d, d), rows).double()
                 seen = batch[where] = (x, product)
             if key in sums:
                 sums[key] += seen[1]
             else:
                 sums[key] = seen[1].clone()
+            if len(called) == len(mine):  # every input of this batch summed
+                batch.clear()
+                called.clear()
+                raise StopLayer
 
-        handles.append(t.module.register_forward_hook(hook))
+        handles.append(t.module.register_forward_pre_hook(hook))
     try:
         run_all()
     finally:
