@@ -118,6 +118,34 @@ def test_shared_symmetric_and_diagonal_statistics_match_brute_force(family, monk
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_square_sums_equal_diagonal_of_xtx():
+    from llm_surgeon.layerwise import add_square_sums_
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (5, 9)]
+    acc = torch.zeros(6, dtype=torch.float64)
+    for x in xs:
+        assert add_square_sums_(acc, x) is acc
+    torch.testing.assert_close(acc, torch.diagonal(sum(x.T @ x for x in xs)), rtol=1e-12,
+                               atol=0)
+
+
+def test_statistics_forward_stops_before_the_last_linear():
+    """The statistics pass needs only the linears' inputs: each layer's last linear (down) runs
+    once per batch (the pass to the next layer), not twice; the first (q) runs twice."""
+    model = tiny_model("llama")
+    windows = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(4))
+    targets = decoder_linears(model)
+    calls = {t.name: 0 for t in targets}
+    for t in targets:
+        t.module.register_forward_hook(
+            lambda *_a, n=t.name: calls.__setitem__(n, calls[n] + 1))
+    run_layerwise(model, targets, WandaMethod(), Structure("unstructured"), 0.5, windows,
+                  batch_size=2, progress=False)
+    for t in targets:
+        assert calls[t.name] == (2 if t.role == "mlp.down" else 4), (t.name, calls[t.name])
+
+
 def test_layerwise_sparsegpt_matches_direct_call_on_first_layer():
     model = tiny_model("llama")
     ref = tiny_model("llama")
