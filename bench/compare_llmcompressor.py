@@ -117,10 +117,12 @@ def decoder_sparsity(model) -> float:
     return 1 - counts["params_decoder_linear_nonzero"] / counts["params_decoder_linear"]
 
 
-def prune_times(base, windows, methods: list[str], repeats: int, tokenizer=None) -> list[dict]:
+def prune_times(base, windows, methods: list[str], repeats: int, tokenizer=None,
+                partial: Path | None = None) -> list[dict]:
     """Each method pruned by both sides, alternating which goes first, ``repeats`` times; wall
     and CPU seconds of every prune, the load average around it, the sparsity reached; with a
-    ``tokenizer``, the perplexity of the first repeat's models too (outside the timing)."""
+    ``tokenizer``, the perplexity of the first repeat's models too (outside the timing). Every
+    finished run is also written to ``partial`` (an interrupted run keeps what it measured)."""
     prune_fns = {"ours": lambda m, meth: ours_prune(m, windows, meth),
                  "llmcompressor": lambda m, meth: llmcompressor_prune(m, windows, meth,
                                                                       "unstructured")}
@@ -142,6 +144,8 @@ def prune_times(base, windows, methods: list[str], repeats: int, tokenizer=None)
                     runs[-1]["ppl"] = evaluate_loaded(model, tokenizer, "sotu", SEQLEN,
                                                       EVAL_WINDOWS, desc="ppl")["ppl"]
                 print(runs[-1], flush=True)
+                if partial is not None:
+                    partial.write_text(json.dumps(runs, indent=2) + "\n")
                 del model
     return runs
 
@@ -200,7 +204,8 @@ def times_main(model_spec: str, out: Path, methods: list[str], repeats: int, ppl
     base, tokenizer = load_model(model_spec)
     ids = tokenize(tokenizer, load_text("sotu", "train"), cache=cache_dir() / "tokens")
     windows = calibration_windows(ids, CALIB, SEQLEN, seed=SEED)
-    runs = prune_times(base, windows, methods, repeats, tokenizer if ppl else None)
+    runs = prune_times(base, windows, methods, repeats, tokenizer if ppl else None,
+                       out / "prune_time_partial.json")
     path = out / "results.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     result["prune_time"] = {"model": model_spec, "threads": torch.get_num_threads(),
@@ -213,6 +218,7 @@ def times_main(model_spec: str, out: Path, methods: list[str], repeats: int, ppl
     text = md.read_text() if md.exists() else ""
     text = text.split("\nPrune time,")[0].rstrip("\n")  # replace an earlier time table
     (md).write_text(text + "\n" + "\n".join(time_lines(result)) + "\n")
+    (out / "prune_time_partial.json").unlink(missing_ok=True)
     print("\n".join(time_lines(result)))
 
 
