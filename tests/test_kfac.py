@@ -18,7 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_surgeon.curvature.kfac import collect_activations, collect_kfac
+from llm_surgeon.curvature import kfac
+from llm_surgeon.curvature.kfac import (
+    add_gram_,
+    collect_activations,
+    collect_kfac,
+    symmetric_from_upper,
+)
 from llm_surgeon.models.layouts import (
     ATTN_K,
     ATTN_O,
@@ -123,6 +129,38 @@ def test_factors_match_brute_force(family, batch_size):
         assert _rel(f.G, G) < RTOL, (t.name, _rel(f.G, G))
         if t.has_bias:  # bias block: last row/column is the mean input, corner is 1
             assert f.A[-1, -1].item() == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("panel", [1, 3, 4, 10, 64])
+def test_symmetric_gram_sums_equal_xtx(panel):
+    """Upper block triangles summed over several batches, mirrored = Σ xᵀx (brute force), for
+    panels that divide the width, do not, and exceed it."""
+    g = torch.Generator().manual_seed(panel)
+    xs = [torch.randn(n, 10, generator=g, dtype=F64) for n in (7, 1, 13)]
+    acc = torch.zeros(10, 10, dtype=F64)
+    for x in xs:
+        assert add_gram_(acc, x, panel) is acc
+    ref = sum(x.T @ x for x in xs)
+    full = symmetric_from_upper(acc)
+    assert torch.equal(full, full.T)
+    assert _rel(full, ref) < 1e-12
+    if panel < 10:  # the products below the diagonal panels were skipped, not computed
+        assert float(acc[panel:, :panel].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_factors_with_narrow_panels_match_brute_force(family, monkeypatch):
+    """The collector's symmetric running sums, with panels narrower than every width (so the
+    tiny layers are split into several), still give the brute-force A and G."""
+    monkeypatch.setattr(kfac, "GRAM_PANEL", 5)
+    model = _model(family)
+    targets = decoder_linears(model)
+    got = collect_kfac(model, targets, _windows(), dtype=F64, progress=False)
+    ref = _reference(family)
+    for t in targets:
+        A, G = ref[t.name]
+        assert _rel(got[t.name].A, A) < RTOL, t.name
+        assert _rel(got[t.name].G, G) < RTOL, t.name
 
 
 @pytest.mark.parametrize("family", FAMILIES)

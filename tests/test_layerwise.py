@@ -70,6 +70,83 @@ def test_statistics_come_from_the_pruned_prefix(family):
     assert dense_grams_differ
 
 
+class DiagonalRecorder(Recorder):
+    """The Recorder asking for diag(XᵀX) only, as Wanda does."""
+
+    diagonal_statistic = True
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_shared_symmetric_and_diagonal_statistics_match_brute_force(family, monkeypatch):
+    """With panels narrower than every width (the symmetric sums split in several) and inputs
+    shared by several linears (q/k/v; gate/up; phi's fc1 too), the H of each linear of layer 0
+    is its own XᵀX (brute force, every input kept); a method asking for the diagonal gets
+    exactly diag(XᵀX), a vector, and the same pruned weights as Wanda given the full H."""
+    from llm_surgeon.curvature import kfac
+
+    monkeypatch.setattr(kfac, "GRAM_PANEL", 5)
+    windows = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(2))
+    dense = tiny_model(family)
+    targets = [t for t in decoder_linears(dense) if t.layer_index == 0]
+    grams = {}
+
+    def hook(mod, args, _out):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        grams[mod] = grams.get(mod, 0) + x.T @ x
+
+    handles = [t.module.register_forward_hook(hook) for t in targets]
+    with torch.no_grad():
+        for i in range(0, 3, 2):
+            dense(input_ids=windows[i : i + 2], use_cache=False)
+    for h in handles:
+        h.remove()
+    ref = [grams[t.module] for t in targets]
+    weights = []
+    for rec in (Recorder(), DiagonalRecorder()):
+        model = tiny_model(family)
+        run_layerwise(model, decoder_linears(model), rec, Unstructured(), 0.5,
+                      windows, batch_size=2, progress=False)
+        first = rec.seen[: len(targets)]
+        for G, (_, H) in zip(ref, first, strict=True):
+            if isinstance(rec, DiagonalRecorder):
+                assert H.shape == (G.shape[0],)
+                torch.testing.assert_close(H.double(), torch.diagonal(G), rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(H, H.T)
+                torch.testing.assert_close(H.double(), G, rtol=1e-5, atol=1e-5)
+        weights.append([W for W, _ in rec.seen])
+    for a, b in zip(*weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_square_sums_equal_diagonal_of_xtx():
+    from llm_surgeon.layerwise import add_square_sums_
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (5, 9)]
+    acc = torch.zeros(6, dtype=torch.float64)
+    for x in xs:
+        assert add_square_sums_(acc, x) is acc
+    torch.testing.assert_close(acc, torch.diagonal(sum(x.T @ x for x in xs)), rtol=1e-12,
+                               atol=0)
+
+
+def test_statistics_forward_stops_before_the_last_linear():
+    """The statistics pass needs only the linears' inputs: each layer's last linear (down) runs
+    once per batch (the pass to the next layer), not twice; the first (q) runs twice."""
+    model = tiny_model("llama")
+    windows = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(4))
+    targets = decoder_linears(model)
+    calls = {t.name: 0 for t in targets}
+    for t in targets:
+        t.module.register_forward_hook(
+            lambda *_a, n=t.name: calls.__setitem__(n, calls[n] + 1))
+    run_layerwise(model, targets, WandaMethod(), Unstructured(), 0.5, windows,
+                  batch_size=2, progress=False)
+    for t in targets:
+        assert calls[t.name] == (2 if t.role == "mlp.down" else 4), (t.name, calls[t.name])
+
+
 def test_layerwise_sparsegpt_matches_direct_call_on_first_layer():
     model = tiny_model("llama")
     ref = tiny_model("llama")

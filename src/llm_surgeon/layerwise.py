@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llm_surgeon import distributed
+from llm_surgeon.curvature.kfac import add_gram_, symmetric_from_upper
 from llm_surgeon.methods.base import LayerwiseMethod
 from llm_surgeon.models.layouts import TargetLinear, decoder_layers
 
@@ -103,33 +104,78 @@ def capture_layer_inputs(
     return captured
 
 
+def add_square_sums_(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """acc += Σ_t x_t ⊙ x_t (x: (n, d), acc: (d,)), in place: diag(XᵀX) without the rest of
+    the product, all that a method reading only the diagonal needs; returns acc."""
+    acc += x.square().sum(0)
+    return acc
+
+
+class StopLayer(Exception):
+    """Raised by :func:`prune_layer_linears`' hooks once every linear of the layer has seen its
+    input: the rest of that layer forward is not needed (``run_all`` suppresses it per batch)."""
+
+
 @torch.no_grad()
 def prune_layer_linears(mine: list[TargetLinear], method: LayerwiseMethod,
                         nm: tuple[int, int] | None, sparsity: float, run_all: Any) -> None:
     """Prune the linears ``mine`` of one decoder layer: ``run_all()`` runs the layer over every
-    calibration batch while hooks sum H = XᵀX of each linear's input; then each weight is
-    replaced by ``method.prune_linear(W, H, sparsity, nm)`` (``nm``: the structure's N:M
-    pattern, None for unstructured)."""
-    grams: dict[int, torch.Tensor] = {}  # keyed by module: q/k/v share an input
+    calibration batch (suppressing :class:`StopLayer` per batch: the forward stops before the
+    last linear, once every input is summed) while hooks sum H = XᵀX of each linear's input
+    (each batch's product in float32, or float64 for a float64 model; the sum over batches in
+    float64); then each weight is replaced by ``method.prune_linear(W, H, sparsity, nm)``
+    (``nm``: the structure's N:M pattern, None for unstructured). A method that declares
+    ``diagonal_statistic`` (Wanda) gets diag(H) only, a vector. Linears reading one
+    input tensor (q/k/v; gate/up) share the batch's product, computed once (upper block
+    triangle, :func:`~llm_surgeon.curvature.kfac.add_gram_`)."""
+    diagonal = method.diagonal_statistic
+    sums: dict[int, torch.Tensor] = {}  # keyed by module
+    # this batch's product of each input seen, keyed by tensor address; the tensor is kept so
+    # that no other tensor can reuse the address; dropped when a module runs again (next batch)
+    batch: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+    called: set[int] = set()
     handles = []
     for t in mine:
         key = id(t.module)
 
-        def hook(_m: Any, args: tuple, _out: Any, key: int = key) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            if key in grams:
-                grams[key] += x.T @ x
+        def hook(_m: Any, args: tuple, key: int = key) -> None:
+            if key in called:  # the layer runs its next batch (it did not stop)
+                batch.clear()
+                called.clear()
+            called.add(key)
+            x = args[0].detach()
+            where = (x.data_ptr(), tuple(x.shape))
+            seen = batch.get(where)
+            if seen is None or seen[0] is not x:
+                rows = x.reshape(-1, x.shape[-1])
+                d = rows.shape[1]
+                if diagonal:
+                    product = add_square_sums_(rows.new_zeros(d, dtype=torch.float64),
+                                               rows.double())
+                else:  # one batch's product in float32 (fast), summed over batches in float64
+                    rows = rows.float() if rows.dtype != torch.float64 else rows
+                    product = add_gram_(rows.new_zeros(d, d), rows).double()
+                seen = batch[where] = (x, product)
+            if key in sums:
+                sums[key] += seen[1]
             else:
-                grams[key] = x.T @ x
+                sums[key] = seen[1].clone()
+            if len(called) == len(mine):  # every input of this batch summed
+                batch.clear()
+                called.clear()
+                raise StopLayer
 
-        handles.append(t.module.register_forward_hook(hook))
+        handles.append(t.module.register_forward_pre_hook(hook))
     try:
         run_all()
     finally:
         for h in handles:
             h.remove()
+        batch.clear()
     for t in mine:
         W = t.module.weight.detach()
-        H = distributed.all_reduce_sum_(grams.pop(id(t.module)))  # torchrun: all ranks' sum
+        H = distributed.all_reduce_sum_(sums.pop(id(t.module)))  # torchrun: all ranks' sum
+        if not diagonal:
+            H = symmetric_from_upper(H)
         new = method.prune_linear(W.float(), H.float(), sparsity, nm)
         t.module.weight.copy_(new.to(W.dtype))

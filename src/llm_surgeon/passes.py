@@ -57,6 +57,7 @@ from llm_surgeon.errors import UserError
 from llm_surgeon.evaluate.perplexity import perplexity_from_nll, token_nll
 from llm_surgeon.evaluate.size import peak_rss_mb, reset_peak_rss
 from llm_surgeon.layerwise import (
+    StopLayer,
     at_layer,
     capture_layer_inputs,
     prune_layer_linears,
@@ -559,7 +560,8 @@ def layerwise_pass(run: Run, sparsity: float, windows: torch.Tensor
 
                 def run_all(layer: nn.Module = layer, ell: int = ell) -> None:
                     for b, kw in enumerate(kwargs):
-                        layer(states.load("h", ell, b), **at_layer(kw, ell))
+                        with contextlib.suppress(StopLayer):  # every input seen: stop early
+                            layer(states.load("h", ell, b), **at_layer(kw, ell))
 
                 prune_layer_linears(mine, run.method, run.structure.nm, sparsity, run_all)
                 for b, kw in enumerate(kwargs):

@@ -35,10 +35,38 @@ from llm_surgeon.config import FISHER_KINDS
 from llm_surgeon.curvature.factors import Curvature
 from llm_surgeon.models.layouts import TargetLinear
 
+#: Column-panel width of :func:`add_gram_` (wide enough for efficient matrix products, narrow
+#: enough that the skipped lower triangle is most of the lower half).
+GRAM_PANEL = 128
+
+
+def add_gram_(acc: torch.Tensor, x: torch.Tensor, panel: int | None = None) -> torch.Tensor:
+    """acc += the upper block triangle of xᵀx (x: (n, d), acc: (d, d)), in place; returns acc.
+
+    With the columns cut into panels P_i = [i, i + panel), only
+
+        acc[P_i, i:] += x[:, P_i]ᵀ x[:, i:]
+
+    is computed: about half the products of the full xᵀx (a symmetric rank-k update, as BLAS
+    syrk). Entries below the diagonal panels are never written; :func:`symmetric_from_upper`
+    turns the sum into the full Σ xᵀx. ``panel``: :data:`GRAM_PANEL` unless given."""
+    panel = panel or GRAM_PANEL
+    d = x.shape[-1]
+    for i in range(0, d, panel):
+        acc[i:i + panel, i:].addmm_(x[:, i:i + panel].T, x[:, i:])
+    return acc
+
+
+def symmetric_from_upper(acc: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix S with S = acc on and above the diagonal: S = triu(acc) + triu(acc, 1)ᵀ
+    (the full Σ xᵀx from the sums of :func:`add_gram_`)."""
+    return torch.triu(acc) + torch.triu(acc, 1).T
+
 
 @dataclass
 class _InputStats:
-    """Running sums of a shared layer input: Σ a aᵀ, Σ a and the token count."""
+    """Running sums of a shared layer input: Σ a aᵀ (its upper block triangle, see
+    :func:`add_gram_`), Σ a and the token count."""
 
     xtx: torch.Tensor
     xsum: torch.Tensor
@@ -46,18 +74,19 @@ class _InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.xtx.dtype)
-        self.xtx.addmm_(x.T, x)
+        add_gram_(self.xtx, x)
         self.xsum.add_(x.sum(0))
         self.count += x.shape[0]
 
     def second_moment(self, with_bias: bool) -> torch.Tensor:
         """A = E[ā āᵀ], with ā = [a; 1] when ``with_bias``."""
         n = max(self.count, 1)
+        xtx = symmetric_from_upper(self.xtx)
         if not with_bias:
-            return self.xtx / n
-        d = self.xtx.shape[0]
-        out = self.xtx.new_empty(d + 1, d + 1)
-        out[:d, :d] = self.xtx
+            return xtx.div_(n)
+        d = xtx.shape[0]
+        out = xtx.new_empty(d + 1, d + 1)
+        out[:d, :d] = xtx
         out[:d, d] = self.xsum
         out[d, :d] = self.xsum
         out[d, d] = self.count
@@ -67,7 +96,8 @@ class _InputStats:
 @dataclass
 class FactorCollector:
     """Running sums of A (forward hooks on the targets' inputs) and G (tensor hooks on their
-    outputs' gradients); :meth:`factors` turns them into means."""
+    outputs' gradients), upper block triangles only (:func:`add_gram_`); :meth:`factors` turns
+    them into symmetric means."""
 
     targets: list[TargetLinear]
     dtype: torch.dtype
@@ -119,7 +149,7 @@ class FactorCollector:
                     g.shape[1], g.shape[1], dtype=self.dtype, device=g.device
                 )
                 self.gcount[target.name] = 0
-            acc.addmm_(g.T, g)
+            add_gram_(acc, g)  # upper block triangle of Σ g gᵀ
             self.gcount[target.name] += g.shape[0]
 
         return hook
@@ -144,7 +174,7 @@ class FactorCollector:
             stats = self.inputs[self.input_of[t.name]]
             A = stats.second_moment(with_bias=t.has_bias)
             if t.name in self.gsum:
-                G = self.gsum[t.name] / max(self.gcount[t.name], 1)
+                G = symmetric_from_upper(self.gsum[t.name]).div_(max(self.gcount[t.name], 1))
             else:  # the output never received a gradient (unused layer): no information
                 G = torch.zeros(t.module.out_features, t.module.out_features, dtype=self.dtype)
             out[t.name] = Curvature(A=A, G=G, count=stats.count)

@@ -149,6 +149,8 @@ class LayerwiseMethod(Method):
     each on the outputs of the pruned layers before it (one pass)."""
 
     kind = "layerwise"
+    # True: ``prune_linear`` reads only diag(H), so the pass may hand it diag(XᵀX) as a vector
+    diagonal_statistic: ClassVar[bool] = False
 
     def prune_pass(self, passes: Passes, run: Run, sparsity: float, windows: torch.Tensor,
                    shot: int) -> Counts:

@@ -94,10 +94,11 @@ class WandaMethod(LayerwiseMethod):
 
     name = "wanda"
     structures = ("unstructured", "nm")
+    diagonal_statistic = True  # the layer-wise pass may give diag(XᵀX) alone, a vector
 
     def prune_linear(self, W: torch.Tensor, H: torch.Tensor, sparsity: float,
                      nm: tuple[int, int] | None = None) -> torch.Tensor:
-        scores = wanda_scores(W, torch.diagonal(H))
+        scores = wanda_scores(W, H if H.ndim == 1 else torch.diagonal(H))
         if nm is not None:
             mask = wanda_mask(scores, n=nm[0], m=nm[1])
         else:
