@@ -43,6 +43,7 @@ $BIN/python bench/streaming.py
 
 # the shrunk models in llama.cpp: GGUF export, perplexity, decode speed (issue 15)
 $BIN/python bench/llamacpp.py
+$BIN/python bench/llamacpp_wide.py
 
 # llm-compressor's SparseGPT and Wanda next to ours (issue 5), in its own environment
 if [[ ! -x .venv-llmc/bin/python ]]; then
