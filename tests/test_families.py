@@ -255,7 +255,7 @@ def test_layerwise_feeds_each_layer_its_own_attention_type():
     from llm_surgeon.driver import run_layerwise
     from llm_surgeon.layerwise import at_layer, capture_layer_inputs
     from llm_surgeon.structures import Unstructured
-    from tests.test_layerwise import Recorder
+    from tests.test_layerwise import Recorder, brute_force_grams
 
     model = zoo_model("gemma2", num_hidden_layers=3, sliding_window=4)
     windows = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -266,18 +266,7 @@ def test_layerwise_feeds_each_layer_its_own_attention_type():
     targets = decoder_linears(model)
     run_layerwise(model, targets, rec, Unstructured(), 0.5, windows, batch_size=1,
                   progress=False)
-    grams = {}
-
-    def hook(mod, args, _out):
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        grams[mod] = grams.get(mod, 0) + x.T @ x
-
-    handles = [t.module.register_forward_hook(hook) for t in targets]
-    with torch.no_grad():
-        for i in range(3):
-            model(input_ids=windows[i : i + 1], use_cache=False)
-    for h in handles:
-        h.remove()
+    grams = brute_force_grams(model, [t.module for t in targets], windows, 1)
     for t, (_, H) in zip(targets, rec.seen, strict=True):
         if t.role in ("attn.q", "attn.k", "attn.v"):
             torch.testing.assert_close(H.double(), grams[t.module], rtol=1e-4, atol=1e-4)

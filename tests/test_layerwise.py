@@ -17,6 +17,24 @@ from tests.conftest import tiny_model
 from tests.test_prune import _cfg
 
 
+def brute_force_grams(model, modules, windows, batch_size):
+    """Brute force: Σ XᵀX (float64) of each module's input over ``windows`` run through the
+    model in batches of ``batch_size``, keyed by module."""
+    grams = {}
+
+    def hook(mod, args, _out):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        grams[mod] = grams.get(mod, 0) + x.T @ x
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[i : i + batch_size], use_cache=False)
+    for h in handles:
+        h.remove()
+    return grams
+
+
 class Recorder(LayerwiseMethod):
     """Wanda that remembers the H it was given for every weight it pruned."""
 
@@ -45,18 +63,7 @@ def test_statistics_come_from_the_pruned_prefix(family):
     targets = decoder_linears(model)
     run_layerwise(model, targets, rec, Unstructured(), 0.5, windows, batch_size=2,
                   progress=False)
-    grams = {}
-
-    def hook(mod, args, _out):
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        grams[mod] = grams.get(mod, 0) + x.T @ x
-
-    handles = [t.module.register_forward_hook(hook) for t in targets]
-    with torch.no_grad():
-        for i in range(0, 3, 2):
-            model(input_ids=windows[i : i + 2], use_cache=False)
-    for h in handles:
-        h.remove()
+    grams = brute_force_grams(model, [t.module for t in targets], windows, 2)
     assert len(rec.seen) == len(targets)
     dense_grams_differ = False
     for t, (W_new, H) in zip(targets, rec.seen, strict=True):
@@ -88,18 +95,7 @@ def test_shared_symmetric_and_diagonal_statistics_match_brute_force(family, monk
     windows = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(2))
     dense = tiny_model(family)
     targets = [t for t in decoder_linears(dense) if t.layer_index == 0]
-    grams = {}
-
-    def hook(mod, args, _out):
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        grams[mod] = grams.get(mod, 0) + x.T @ x
-
-    handles = [t.module.register_forward_hook(hook) for t in targets]
-    with torch.no_grad():
-        for i in range(0, 3, 2):
-            dense(input_ids=windows[i : i + 2], use_cache=False)
-    for h in handles:
-        h.remove()
+    grams = brute_force_grams(dense, [t.module for t in targets], windows, 2)
     ref = [grams[t.module] for t in targets]
     weights = []
     for rec in (Recorder(), DiagonalRecorder()):

@@ -180,9 +180,6 @@ def prune_model(model: Any, tokenizer: Any, text_or_windows: Any, method: str = 
         check_output_path_usable(str(output))
     if ev is not None:
         check_seqlen(model, int(ev.shape[1]))
-    param_device = next(model.parameters()).device
-    # seeded like the CLI's run, without moving the caller's global random state
-    with torch.random.fork_rng(devices=[param_device] if param_device.type == "cuda" else []):
-        report = prune_loaded(model, tokenizer, windows, cfg, plugin(settings), shape,
-                              eval_windows=ev, progress=progress)
+    report = prune_loaded(model, tokenizer, windows, cfg, plugin(settings), shape,
+                          eval_windows=ev, progress=progress)
     return PruneResult(model, report, None if output is None else Path(output))

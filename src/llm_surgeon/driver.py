@@ -229,8 +229,7 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
     timer = PhaseTimer()
     calib_text = load_text(cfg.calib_data, "train")
     eval_text = load_text(cfg.eval_data, "test") if cfg.eval else None
-    root = Path(cfg.offload_dir) if cfg.offload_dir else cache_dir() / "offload"
-    work = work_folder(root)  # (removes stale run folders of killed runs first)
+    work = run_work_folder(cfg)
     try:
         with timer("load"):
             model, tokenizer, store = open_layers(cfg, work)
@@ -255,13 +254,26 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
 
         report = run_passes(run, target, windows, eval_set, budget, need, dense_ppl, _resume,
                             out_dir)
-        if out_dir is not None and distributed.is_main():
-            store.save(tokenizer, out_dir,
-                       extra_files={"report.json": json.dumps(report, indent=2) + "\n"})
+        save_result(store, tokenizer, out_dir, report)
         report["_model"] = store.handle()  # in-memory handle for callers (not serialised)
         return report
     finally:
         remove_work_folder(work)
+
+
+def run_work_folder(cfg: PruneConfig) -> Path:
+    """This run's own work folder under ``--offload-dir`` (default: the cache's ``offload/``);
+    stale run folders of killed runs are removed first."""
+    return work_folder(Path(cfg.offload_dir) if cfg.offload_dir else cache_dir() / "offload")
+
+
+def save_result(store: Layers, tokenizer: Any, out_dir: Path | None,
+                report: dict[str, Any]) -> None:
+    """Save the pruned model with its ``report.json`` to ``out_dir`` (if any); under torchrun
+    only the main process writes."""
+    if out_dir is not None and distributed.is_main():
+        store.save(tokenizer, out_dir,
+                   extra_files={"report.json": json.dumps(report, indent=2) + "\n"})
 
 
 def prune_loaded(model: nn.Module, tokenizer: Any, windows: torch.Tensor, cfg: PruneConfig,
@@ -275,37 +287,37 @@ def prune_loaded(model: nn.Module, tokenizer: Any, windows: torch.Tensor, cfg: P
     target = structure.target_sparsity(cfg.sparsity)
     out_dir = Path(cfg.output) if cfg.output else None
     check_output_replaceable(out_dir, resuming=False)
-    torch.manual_seed(cfg.seed)
     check_seqlen(model, int(windows.shape[1]))
-    root = Path(cfg.offload_dir) if cfg.offload_dir else cache_dir() / "offload"
-    work = work_folder(root)
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    try:
-        model.eval()
-        for p, _ in grads:  # sweeps need activation gradients only
-            p.requires_grad_(False)
-        store = MemoryLayers(model, next(model.parameters()).device)
-        targets = decoder_linears(model)
-        structure.check_widths(targets)
-        run = Run(model, store, targets, cfg, method, structure, work, PhaseTimer(), progress,
-                  on_event)
+    device = next(model.parameters()).device
+    # seeded like prune's run, in a forked generator: the caller's random state does not move
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        work = run_work_folder(cfg)
+        grads = [(p, p.requires_grad) for p in model.parameters()]
+        training = model.training
+        try:
+            model.eval()
+            for p, _ in grads:  # sweeps need activation gradients only
+                p.requires_grad_(False)
+            store = MemoryLayers(model, device)
+            targets = decoder_linears(model)
+            structure.check_widths(targets)
+            run = Run(model, store, targets, cfg, method, structure, work, PhaseTimer(),
+                      progress, on_event)
 
-        def eval_set() -> torch.Tensor:
-            assert eval_windows is not None
-            return eval_windows
+            def eval_set() -> torch.Tensor:
+                assert eval_windows is not None
+                return eval_windows
 
-        report = run_passes(run, target, windows, eval_set, None,
-                            budget_estimate(model, store, targets), None, None, None)
-        if out_dir is not None and distributed.is_main():  # one writer under torchrun
-            store.save(tokenizer, out_dir,
-                       extra_files={"report.json": json.dumps(report, indent=2) + "\n"})
-        return report
-    finally:
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        model.train(training)
-        remove_work_folder(work)
+            report = run_passes(run, target, windows, eval_set, None,
+                                budget_estimate(model, store, targets), None, None, None)
+            save_result(store, tokenizer, out_dir, report)
+            return report
+        finally:
+            for p, flag in grads:
+                p.requires_grad_(flag)
+            model.train(training)
+            remove_work_folder(work)
 
 
 def run_passes(run: Run, target: float, windows: torch.Tensor,

@@ -70,13 +70,6 @@ class SurgeonMethod(GlobalMethod):
         return dataclasses.replace(curv, A=f.A.to(dt), G=f.G.to(dt), Ainv=f.Ainv.to(dt),
                                    Ginv=f.Ginv.to(dt))
 
-    def prepare(self, curv: Curvature, damp_g: float | None = None,
-                damp_a: float | None = None, name: str = "layer") -> None:
-        """In-place form of :meth:`prepared`: writes the prepared fields into ``curv``."""
-        new = self.prepared(curv, damp_g, damp_a, name)
-        curv.A, curv.G, curv.Ainv, curv.Ginv, curv.flat = (new.A, new.G, new.Ainv, new.Ginv,
-                                                           new.flat)
-
     def element_costs(self, W: Tensor, curv: Curvature) -> Tensor:
         W = W.to(self.compute_dtype)
         if curv.flat:
