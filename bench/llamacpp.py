@@ -135,7 +135,8 @@ print(json.dumps(paired_decode_speed(paths, list(range(100, 100 + int(sys.argv[1
 """
 
 
-def measure_speed(files: dict[str, dict[str, Path]], names: list[str]) -> dict:
+def measure_speed(files: dict[str, dict[str, Path]], names: list[str],
+                  types: tuple[str, ...] = SPEED_TYPES) -> dict:
     """Decode tok/s per (type, threads, model): in each round a fresh process decodes with all
     models in turn, one step each (:func:`~llm_surgeon.export.llamacpp.paired_decode_speed`,
     the model order rotating between rounds); medians over the rounds."""
@@ -143,7 +144,7 @@ def measure_speed(files: dict[str, dict[str, Path]], names: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for r in range(ROUNDS):
         order = names[r % len(names):] + names[: r % len(names)]
-        for t in SPEED_TYPES:
+        for t in types:
             for th in THREADS:
                 res = subprocess.run(
                     [sys.executable, "-c", SPEED, str(PROMPT), str(NEW_TOKENS), str(th),

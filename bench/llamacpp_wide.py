@@ -6,8 +6,8 @@ On the bundled 135M model a decode step has a large part that does not shrink wi
 random-initialised Llama as wide as a 1B model (hidden 2048, MLP 5632, 32 heads, 4 KV groups,
 8 layers, the bundled vocabulary, tied head), 30 % of its heads and channels removed by the
 global magnitude threshold (uneven per-layer sizes: exported as ``deci``), dense and pruned f16
-decoded step by step in turn (:func:`~llm_surgeon.export.llamacpp.paired_decode_speed`), 3
-rounds of fresh processes, 1 and 2 threads. Random weights: speed only, no perplexity.
+decoded step by step in turn, rounds of fresh processes at 1 and 2 threads (the protocol of
+``bench/llamacpp.py``: :func:`llamacpp.measure_speed`). Random weights: speed only.
 
     .venv/bin/python bench/llamacpp_wide.py     # ~2 minutes, ~4 GB of temporary files
 
@@ -18,25 +18,17 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llamacpp import NEW_TOKENS, PROMPT, ROUNDS, THREADS, measure_speed
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "llamacpp"
-ROUNDS, THREADS, PROMPT, STEPS = 3, (1, 2), 64, 64
-
-STEP = f"""
-import json, sys
-from llm_surgeon.export.llamacpp import paired_decode_speed
-print(json.dumps(paired_decode_speed(sys.argv[2:], list(range(100, 100 + {PROMPT})), {STEPS},
-                                     int(sys.argv[1]))))
-"""
-
-
-def make_models(folder: Path) -> dict[str, Path]:
+def make_models(folder: Path) -> tuple[dict[str, Path], str]:
     import gguf
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -61,45 +53,32 @@ def make_models(folder: Path) -> dict[str, Path]:
         files[name] = folder / f"{name}.f16.gguf"
         export_gguf(str(folder / name), files[name], "f16")
     arch = gguf.GGUFReader(str(files["hc30"])).fields["general.architecture"]
-    files["arch"] = bytes(arch.parts[arch.data[0]]).decode()
-    return files
+    return files, bytes(arch.parts[arch.data[0]]).decode()
 
 
 def main() -> None:
     from llm_surgeon.export.llamacpp import bytes_read_per_token
 
     with tempfile.TemporaryDirectory() as tmp:
-        files = make_models(Path(tmp))
-        arch = files.pop("arch")
-        names = list(files)
-        bytes_ = {n: bytes_read_per_token(files[n]) for n in names}
-        runs: dict[str, list[float]] = {}
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        for r in range(ROUNDS):
-            order = names if r % 2 == 0 else names[::-1]
-            for th in THREADS:
-                res = subprocess.run([sys.executable, "-c", STEP, str(th),
-                                      *[str(files[n]) for n in order]],
-                                     capture_output=True, text=True, check=True, env=env)
-                for n, v in zip(order, json.loads(res.stdout.strip().splitlines()[-1]),
-                                strict=True):
-                    runs.setdefault(f"{th}|{n}", []).append(v)
+        files, arch = make_models(Path(tmp))
+        bytes_ = {n: bytes_read_per_token(files[n]) for n in files}
+        speed = measure_speed({n: {"f16": p} for n, p in files.items()}, list(files),
+                              types=("f16",))
     ratio = bytes_["dense"] / bytes_["hc30"]
     result = {"pruned_architecture": arch, "bytes_per_token": bytes_, "bytes_ratio": ratio,
-              "load_average": os.getloadavg(),
-              "speed": {k: {"median": statistics.median(v), "runs": v} for k, v in runs.items()}}
+              "load_average": os.getloadavg(), "speed": speed}
     lines = [
         "Decode speed-up against the bytes ratio on a 1B-wide random Llama (hidden 2048, MLP 5632,"
         " 32 heads, 4 KV groups, 8 layers, vocabulary 49152, tied head), 30 % of heads and "
         f"channels removed by the global magnitude threshold (exported as `{arch}`, per-layer "
-        f"sizes), f16, {PROMPT}-token prompt then {STEPS} steps, models decoded step by step in "
-        f"turn, medians of {ROUNDS} rounds (`bench/llamacpp_wide.py`). Bytes read per token: "
-        f"dense {bytes_['dense'] / 1e6:.0f} MB, pruned {bytes_['hc30'] / 1e6:.0f} MB "
+        f"sizes), f16, {PROMPT}-token prompt then {NEW_TOKENS} steps, models decoded step by "
+        f"step in turn, medians of {ROUNDS} rounds (`bench/llamacpp_wide.py`). Bytes read per "
+        f"token: dense {bytes_['dense'] / 1e6:.0f} MB, pruned {bytes_['hc30'] / 1e6:.0f} MB "
         f"(ratio {ratio:.3f}).", "",
         "| threads | dense tok/s | pruned tok/s | speed-up | speed-up / bytes ratio |",
         "|---|---|---|---|---|"]
     for th in THREADS:
-        d, p = (result["speed"][f"{th}|{n}"]["median"] for n in ("dense", "hc30"))
+        d, p = (speed[f"f16|{th}|{n}"]["median"] for n in ("dense", "hc30"))
         lines.append(f"| {th} | {d:.1f} | {p:.1f} | {p / d:.3f} | {p / d / ratio:.3f} |")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "wide.json").write_text(json.dumps(result, indent=2) + "\n")
