@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -47,10 +48,14 @@ CSV_COLUMNS = (
     "time_s",
 )
 _CONFIG_KEYS = {f.name for f in fields(PruneConfig)}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def run_id(run: dict[str, Any]) -> str:
-    """A stable, readable id: method-structure-sparsity-shotsT."""
+    """A stable, readable id: the run's ``name`` when it has one (an ablation's runs differ in
+    settings the default id does not show), else method-structure-sparsity-shotsT."""
+    if run.get("name") is not None:
+        return str(run["name"])
     structure = str(run.get("structure", "unstructured")).replace(":", "of")
     sparsity = run.get("sparsity")
     sp = "" if sparsity is None else f"-{round(100 * float(sparsity))}"
@@ -128,20 +133,32 @@ def matrix_from_flags(methods: str, structures: str, sparsities: str, shots: int
 def expand_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Shared settings merged into every run; unknown keys are an error."""
     shared = {k: v for k, v in config.items() if k != "runs"}
+    if "name" in shared:
+        raise UserError("'name' names one bench run: put it in a run's entry")
     runs = []
     for entry in config["runs"]:
         run = {**shared, **entry}
-        unknown = set(run) - _CONFIG_KEYS
+        unknown = set(run) - _CONFIG_KEYS - {"name"}
         if unknown:
             raise UserError(f"unknown bench setting(s): {', '.join(sorted(unknown))}")
         if "method" not in run:
             raise UserError("every bench run needs a 'method'")
-        PruneConfig(**run).validate()  # types and ranges, before run_id reads the values
+        name = run.get("name")
+        if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+            raise UserError(f"bench run name {name!r}: use letters, digits, '.', '_' and '-' "
+                            "(it names the run's file)")
+        PruneConfig(**_settings(run)).validate()
         runs.append(run)
     ids = [run_id(r) for r in runs]
     if len(set(ids)) != len(ids):
-        raise UserError("two bench runs have the same method, structure, sparsity and shots")
+        raise UserError("two bench runs have the same id (method, structure, sparsity and "
+                        "shots, or name): give them distinct 'name's")
     return runs
+
+
+def _settings(run: dict[str, Any]) -> dict[str, Any]:
+    """A bench run's prune settings (its entry without the ``name``)."""
+    return {k: v for k, v in run.items() if k != "name"}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -168,16 +185,18 @@ def bench(
     runs = expand_runs(config)
     # validate every run before spending minutes on the first, and before writing anything
     for run in runs:
-        PruneConfig(**run).validate()
+        PruneConfig(**_settings(run)).validate()
     from llm_surgeon.io import check_bench_folder, ensure_output_folder
 
     check_bench_folder(out)  # new, empty, or a bench folder we wrote: never a user's folder
     ensure_output_folder(out, kind="bench")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    dense_path = out / "runs" / "dense.json"
-    dense_ppl = _read_run(dense_path).get("ppl") if dense_path.is_file() else None
     rows = []
     for run in runs:
+        # the dense perplexity is shared by the runs that evaluate on the same windows
+        dense_path = out / "runs" / ("dense-validation.json" if run.get("validation")
+                                     else "dense.json")
+        dense_ppl = _read_run(dense_path).get("ppl") if dense_path.is_file() else None
         rid = run_id(run)
         path = out / "runs" / f"{rid}.json"
         if path.is_file():
@@ -189,12 +208,14 @@ def bench(
         else:
             if progress:
                 print(f"[bench] {rid}: running")
-            cfg = PruneConfig(**run)
+            cfg = PruneConfig(**_settings(run))
             cfg.output = None
             start = time.perf_counter()
             report = strip_private(prune(cfg, progress=progress, dense_ppl=dense_ppl))
             report["time_s"] = time.perf_counter() - start
             report["id"] = rid
+            if run.get("name") is not None:
+                report["name"] = run["name"]
             if dense_ppl is None and report.get("ppl_dense") is not None:
                 dense_ppl = report["ppl_dense"]
                 _write_atomic(dense_path, json.dumps({"ppl": dense_ppl}) + "\n")
@@ -227,20 +248,24 @@ def write_results(results: list[dict[str, Any]], out: Path) -> None:
     writer.writerows(rows)
     _write_atomic(out / "results.csv", buf.getvalue())
     _write_atomic(out / "results.json", json.dumps(rows, indent=2) + "\n")
-    _write_atomic(out / "results.md", markdown_table(rows) + timing_table(results))
+    named = any(r.get("name") is not None for r in results)
+    _write_atomic(out / "results.md", markdown_table(rows, named) + timing_table(results))
 
 
 def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]], named: bool = False) -> str:
+    """The results table; ``named``: a first column with each run's id (its name)."""
     lines = [
-        "| method | structure | target | achieved | shots | ppl | time (s) |",
-        "|---|---|---|---|---|---|---|",
+        ("| run " if named else "") + "| method | structure | target | achieved | shots | ppl | "
+        "time (s) |",
+        ("|---" if named else "") + "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
+            (f"| {r['id']} " if named else "") +
             f"| {r['method']} | {r['structure']} | {r['sparsity_target']:.2f} | "
             f"{r['sparsity_achieved']:.4f} | {r['shots']} | {_fmt(r['ppl'], '.2f')} | "
             f"{_fmt(r['time_s'], '.0f')} |"

@@ -343,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every-shot", action="store_true", help="also measure perplexity after every shot"
     )
     pr.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
+    pr.add_argument("--validation", action="store_true",
+                    help="measure perplexity on a validation split instead of the test text: "
+                         "the last --eval-windows x --seqlen tokens of the calibration text "
+                         "(its train split), which calibration then never draws from; for "
+                         "choosing settings without tuning on the test text")
     pr.add_argument("--curvature-pass", choices=("sweep", "hooks"), default="sweep",
                     help="K-FAC statistics by a layer-by-layer sweep (one layer's factors in "
                          "memory at a time; the default, any store) or by hooks over one "

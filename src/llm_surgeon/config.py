@@ -62,6 +62,9 @@ class RunConfig:
     eval_data: str = "sotu"
     eval_windows: int = 64
     eval: bool = True
+    # evaluate on a validation split instead of the test text: the last eval_windows × seqlen
+    # tokens of the calibration text, which calibration then never draws from
+    validation: bool = False
     eval_every_shot: bool = False
     fisher: str = "empirical"
     nearest_kronecker: int = 0  # power iterations of the nearest-Kronecker estimate (0: K-FAC)

@@ -132,9 +132,27 @@ def check_output_replaceable(out_dir: Path | None, resuming: bool) -> None:
 
 
 def calibration_set(tokenizer: Any, text: str, cfg: PruneConfig) -> torch.Tensor:
-    """The run's seeded calibration windows (tokens cached on disk)."""
+    """The run's seeded calibration windows (tokens cached on disk); with ``cfg.validation``
+    drawn from the text before its validation tail (:func:`validation_split`)."""
     ids = tokenize(tokenizer, text, cache=cache_dir() / "tokens")
+    if cfg.validation:
+        ids = validation_split(ids, cfg)[0]
     return calibration_windows(ids, cfg.calib_samples, cfg.seqlen, seed=cfg.seed)
+
+
+def validation_split(ids: torch.Tensor, cfg: PruneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration part, validation windows) of the calibration text's tokens: the last
+    ``eval_windows × seqlen`` tokens become the validation windows, shape (eval_windows,
+    seqlen), and calibration draws only from the tokens before them. For choosing settings
+    without looking at the test text (``--validation``)."""
+    tail = cfg.eval_windows * cfg.seqlen
+    if ids.numel() < tail + cfg.calib_samples * cfg.seqlen:
+        raise UserError(
+            f"--validation: the calibration text has {ids.numel()} tokens, fewer than the "
+            f"{cfg.eval_windows} x {cfg.seqlen} validation tokens plus the {cfg.calib_samples} x "
+            f"{cfg.seqlen} calibration tokens; use fewer --eval-windows or a longer text")
+    cut = ids.numel() - tail
+    return ids[:cut], ids[cut:].reshape(cfg.eval_windows, cfg.seqlen)
 
 
 def report_header(cfg: PruneConfig, structure: Structure, target: float,
@@ -228,7 +246,7 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
     torch.manual_seed(cfg.seed)
     timer = PhaseTimer()
     calib_text = load_text(cfg.calib_data, "train")
-    eval_text = load_text(cfg.eval_data, "test") if cfg.eval else None
+    eval_text = load_text(cfg.eval_data, "test") if cfg.eval and not cfg.validation else None
     work = run_work_folder(cfg)
     try:
         with timer("load"):
@@ -249,6 +267,9 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
                   on_event)
 
         def eval_set() -> torch.Tensor:
+            if cfg.validation:
+                ids = tokenize(tokenizer, calib_text, cache=cache_dir() / "tokens")
+                return validation_split(ids, cfg)[1]
             return eval_windows_for(tokenizer, cfg.eval_data, cfg.seqlen, cfg.eval_windows,
                                     eval_text)
 
