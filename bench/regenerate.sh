@@ -13,7 +13,8 @@ BIN=.venv/bin
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 if [[ "${1:-}" == "--fresh" ]]; then
-  rm -rf bench/surgeon/runs bench/methods/runs bench/zeroshot/partial.json \
+  rm -rf bench/surgeon/runs bench/methods/runs bench/ablation/runs bench/driver/runs bench/scale7b/runs \
+         bench/zeroshot/partial.json \
          bench/llmcompressor/partial.json out/bench-shrink out/bench-streaming out/shot-curve \
          out/bench-llamacpp
 fi
@@ -44,6 +45,14 @@ $BIN/python bench/streaming.py
 # the shrunk models in llama.cpp: GGUF export, perplexity, decode speed (issue 15)
 $BIN/python bench/llamacpp.py
 $BIN/python bench/llamacpp_wide.py
+
+# the one driver against the old two: memory and time of the in-memory runs (issue 12), and
+# where the surgeon's time goes at Llama-2-7B's layer shapes (about an hour, ~16 GB)
+$BIN/python bench/driver_memory.py
+$BIN/python bench/scale7b.py --max-memory 18GB
+
+# the ablation of issue 16 (choosing settings on the validation split)
+$BIN/llm-surgeon bench --config bench/ablation.yaml --output bench/ablation
 
 # llm-compressor's SparseGPT and Wanda next to ours (issue 5), in its own environment
 if [[ ! -x .venv-llmc/bin/python ]]; then

@@ -17,7 +17,9 @@ the layer count, so per layer = t(2 layers) − t(1 layer) and fixed = t(1) − 
 The one-GPU projection counts each phase's floating-point operations per layer (below) and
 divides by a stated throughput (``--gpu-tflops``, ``--gpu-fp64-tflops``); the update's solver is
 iterative, so its count is the measured time here times this machine's measured matmul rate.
-Writes ``bench/scale7b/results.json`` and ``results.md`` (``--device cuda``: ``results-cuda.*``).
+Writes ``bench/scale7b/results.json`` and ``results.md`` (``--device cuda``: ``results-cuda.*``);
+each finished (job, layer count) is kept in ``bench/scale7b/runs/`` and not rerun (delete it to
+measure again).
 """
 
 from __future__ import annotations
@@ -188,13 +190,20 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     Path(args.offload_dir).mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
+    runs_dir = out_dir / "runs"  # one JSON per finished (job, layers): a rerun skips it
+    runs_dir.mkdir(exist_ok=True)
     for layers in (1, 2):
         model = work / f"llama-{layers}l"
-        build(model, layers, shapes)
         for structure, sparsity in JOBS:
             key = f"{structure}-{sparsity}-{layers}l"
+            done = runs_dir / f"{key}{suffix}.json"
+            if done.is_file():
+                runs[key] = json.loads(done.read_text())
+                continue
+            build(model, layers, shapes)
             print(f"scale bench: {key}", flush=True)
             runs[key] = run_child(model, structure, sparsity, args)
+            done.write_text(json.dumps(runs[key], indent=2) + "\n")
     tokens = args.windows * args.seqlen
     flops = flops_per_layer(shapes, tokens, args.seqlen)
     cpu_gflops = matmul_gflops(args.threads)
