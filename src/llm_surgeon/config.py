@@ -17,6 +17,13 @@ from llm_surgeon.settings import check_bounded, declared_settings, flag
 FISHER_KINDS = ("empirical", "sampled")
 CURVATURE_PASSES = ("sweep", "hooks")
 LAYER_SIZES = ("global", "uniform")
+# heads-channels selection and update levers (RunConfig.unit_coupling, unit_ranking,
+# kind_allocation); the first of each is the default. What each does: docs/structures.md
+UNIT_COUPLINGS = ("layers", "consumer")
+UNIT_RANKINGS = ("per-parameter", "cost", "standardized")
+KIND_ALLOCATIONS = ("global", "proportional")
+UNIT_OPTIONS = {"unit_coupling": UNIT_COUPLINGS, "unit_ranking": UNIT_RANKINGS,
+                "kind_allocation": KIND_ALLOCATIONS}
 MAX_SHOTS = 1000  # the paper uses 40; beyond this a run is a mistake, and each shot checkpoints
 MAX_SEED = 2**32 - 1
 MAX_CHANNEL_MULTIPLE = 65_536
@@ -43,6 +50,22 @@ def check_number(name: str, value: object) -> None:
         check_bounded(name, value, BOUNDS[name])
     elif name in _OPEN_LOW:
         check_bounded(name, value, _OPEN_LOW[name], open_low=True)
+
+
+@dataclass(frozen=True)
+class UnitOptions:
+    """How a heads-channels prune costs, updates and ranks its units (the defaults: today's
+    behaviour); see docs/structures.md."""
+
+    coupling: str = UNIT_COUPLINGS[0]
+    ranking: str = UNIT_RANKINGS[0]
+    kind_allocation: str = KIND_ALLOCATIONS[0]
+
+    def changed(self) -> list[str]:
+        """The run settings (RunConfig fields) set away from their defaults."""
+        return [key for key, value in zip(UNIT_OPTIONS, (self.coupling, self.ranking,
+                                                        self.kind_allocation), strict=True)
+                if value != UNIT_OPTIONS[key][0]]
 
 
 @dataclass
@@ -82,11 +105,25 @@ class RunConfig:
     # quantization block of llama.cpp's Q8_0/Q4_0, where layers have >= 512 channels; else 1)
     channel_multiple: int | None = None
     layer_sizes: str = "global"  # heads-channels: "global" (per-layer sizes) | "uniform"
+    # heads-channels: "layers": a unit's cost is the sum of every linear's share, each linear
+    # updated on its own; "consumer": only the o/down columns are costed and updated, the
+    # q/k/v/gate/up rows are zeroed without an update
+    unit_coupling: str = "layers"
+    # heads-channels: rank units by "per-parameter" cost, raw "cost", or the cost per parameter
+    # "standardized" (z-score) within each layer and kind
+    unit_ranking: str = "per-parameter"
+    # heads-channels: "global": KV groups and channels in one threshold; "proportional": each
+    # kind loses the target fraction of its own parameters
+    kind_allocation: str = "global"
 
     def unit_shape(self) -> tuple[int | None, bool]:
         """(channel multiple or None for the default, uniform layer sizes) of a heads-channels
         prune; see :func:`llm_surgeon.methods.threshold.default_channel_multiple`."""
         return self.channel_multiple, self.layer_sizes == "uniform"
+
+    def unit_options(self) -> UnitOptions:
+        """The heads-channels levers of this run (coupling, ranking, kind allocation)."""
+        return UnitOptions(self.unit_coupling, self.unit_ranking, self.kind_allocation)
 
     def target_sparsity(self) -> float:
         """The run's target sparsity, resolved by its structure (None: 0.5; N:M: 1 - N/M)."""
@@ -125,6 +162,11 @@ class RunConfig:
             raise UserError(f"--channel-multiple must be an integer in [1, "
                             f"{MAX_CHANNEL_MULTIPLE}], got {k!r}")
         structure.check_unit_shape(self.channel_multiple, self.layer_sizes)
+        for key, choices in UNIT_OPTIONS.items():
+            if getattr(self, key) not in choices:
+                raise UserError(f"{flag(key)} must be one of {', '.join(choices)}, got "
+                                f"{getattr(self, key)!r}")
+        structure.check_unit_options(self.unit_options())
         structure.target_sparsity(self.sparsity)
         if structure.name not in method.structures:
             raise UserError(
