@@ -289,3 +289,16 @@ def test_unit_levers_default_to_todays_behaviour_and_refuse_bad_values():
                     kind_allocation="proportional").validate()
     PruneConfig(structure="heads-channels", unit_coupling="consumer", unit_ranking="cost",
                 kind_allocation="proportional").validate()
+
+
+def test_bench_yaml_takes_the_levers():
+    from llm_surgeon.bench import expand_runs
+
+    runs = expand_runs({"structure": "heads-channels", "runs": [
+        {"method": "surgeon", "unit_coupling": "consumer", "name": "consumer"},
+        {"method": "surgeon", "unit_ranking": "standardized", "kind_allocation": "proportional",
+         "name": "z-prop"}]})
+    assert [r["name"] for r in runs] == ["consumer", "z-prop"]
+    with pytest.raises(UserError, match="--unit-ranking must be one of"):
+        expand_runs({"runs": [{"method": "surgeon", "structure": "heads-channels",
+                               "unit_ranking": "zscore"}]})
