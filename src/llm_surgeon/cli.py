@@ -162,7 +162,8 @@ def add_method_flags(pr: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llm_surgeon.config import KIND_ALLOCATIONS, UNIT_COUPLINGS, UNIT_RANKINGS, PruneConfig
+    from llm_surgeon.config import PruneConfig
+    from llm_surgeon.unit_options import KIND_ALLOCATIONS, UNIT_COUPLINGS, UNIT_RANKINGS
 
     _D = PruneConfig()
     parser = _Parser(

@@ -13,17 +13,11 @@ from dataclasses import dataclass, field, fields, make_dataclass
 
 from llm_surgeon.errors import UserError
 from llm_surgeon.settings import check_bounded, declared_settings, flag
+from llm_surgeon.unit_options import UNIT_OPTIONS, UnitOptions
 
 FISHER_KINDS = ("empirical", "sampled")
 CURVATURE_PASSES = ("sweep", "hooks")
 LAYER_SIZES = ("global", "uniform")
-# heads-channels selection and update levers (RunConfig.unit_coupling, unit_ranking,
-# kind_allocation); the first of each is the default. What each does: docs/structures.md
-UNIT_COUPLINGS = ("layers", "consumer")
-UNIT_RANKINGS = ("per-parameter", "cost", "standardized")
-KIND_ALLOCATIONS = ("global", "proportional")
-UNIT_OPTIONS = {"unit_coupling": UNIT_COUPLINGS, "unit_ranking": UNIT_RANKINGS,
-                "kind_allocation": KIND_ALLOCATIONS}
 MAX_SHOTS = 1000  # the paper uses 40; beyond this a run is a mistake, and each shot checkpoints
 MAX_SEED = 2**32 - 1
 MAX_CHANNEL_MULTIPLE = 65_536
@@ -50,22 +44,6 @@ def check_number(name: str, value: object) -> None:
         check_bounded(name, value, BOUNDS[name])
     elif name in _OPEN_LOW:
         check_bounded(name, value, _OPEN_LOW[name], open_low=True)
-
-
-@dataclass(frozen=True)
-class UnitOptions:
-    """How a heads-channels prune costs, updates and ranks its units (the defaults: today's
-    behaviour); see docs/structures.md."""
-
-    coupling: str = UNIT_COUPLINGS[0]
-    ranking: str = UNIT_RANKINGS[0]
-    kind_allocation: str = KIND_ALLOCATIONS[0]
-
-    def changed(self) -> list[str]:
-        """The run settings (RunConfig fields) set away from their defaults."""
-        return [key for key, value in zip(UNIT_OPTIONS, (self.coupling, self.ranking,
-                                                        self.kind_allocation), strict=True)
-                if value != UNIT_OPTIONS[key][0]]
 
 
 @dataclass

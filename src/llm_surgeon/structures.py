@@ -30,7 +30,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from llm_surgeon.config import UnitOptions
 from llm_surgeon.errors import UserError
 from llm_surgeon.methods import threshold
 from llm_surgeon.methods.base import Costs, Curvature, GlobalMethod, Removal
@@ -38,6 +37,7 @@ from llm_surgeon.models.layouts import TargetLinear, decoder_linears
 from llm_surgeon.models.shrink import _record_sizes, shrink_group
 from llm_surgeon.models.units import UnitGroup, UnitSlice, remove_dead_units, unit_groups
 from llm_surgeon.settings import flag
+from llm_surgeon.unit_options import UnitOptions
 
 DEFAULT_SPARSITY = 0.5
 DEFAULT_UNIT_OPTIONS = UnitOptions()  # heads-channels: today's coupling, ranking, allocation

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 
 from llm_surgeon.methods.nm import nm_group_costs, nm_mask
+from llm_surgeon.unit_options import KIND_ALLOCATIONS, UNIT_RANKINGS
 
 __all__ = [
     "Selection",
@@ -771,10 +772,6 @@ def select_lines(costs: Mapping[str, tuple[Tensor, Tensor]], shapes: Mapping[str
         allocate_per_layer(names, numel, target_sparsity, pick)
         return out
     return pick_in(names, target_count(sum(numel.values()), target_sparsity))
-
-
-UNIT_RANKINGS = ("per-parameter", "cost", "standardized")
-KIND_ALLOCATIONS = ("global", "proportional")
 
 
 def standardized_unit_keys(costs: Tensor, size: int) -> Tensor:
