@@ -22,6 +22,7 @@ from llm_surgeon.passes import PhaseTimer, Run, augmented_weight, global_shot
 from llm_surgeon.stores import MemoryLayers
 from llm_surgeon.structures import HeadsChannels
 from tests.conftest import tiny_model
+from tests.model_zoo import zoo_model
 
 
 def _spd(n, gen):
@@ -84,14 +85,15 @@ def _one_shot(model, coupling, sparsity, tmp_path, method="surgeon"):
     return before, unit_groups(model, targets)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "phi3"])
 def test_consumer_coupling_updates_only_the_consumer(family, tmp_path):
     """One surgeon shot: with consumer coupling the kept rows of every q/k/v/gate/up (bias
-    included) are bit-identical to before, the removed ones zero, and the o/down kept columns
-    moved; with layers coupling the producers' kept rows move too."""
+    included; Phi-3's fused qkv and gate_up too) are bit-identical to before, the removed ones
+    zero, and the o/down kept columns moved; with layers coupling the producers' kept rows move
+    too."""
     moved_rows = {}
     for coupling in ("consumer", "layers"):
-        model = tiny_model(family)
+        model = zoo_model(family) if family == "phi3" else tiny_model(family)
         before, groups = _one_shot(model, coupling, 0.4, tmp_path / coupling)
         moved_rows[coupling] = False
         hit = 0

@@ -281,7 +281,9 @@ class UnitShot:
 
 class HeadsChannels(Structure):
     """Attention heads in whole KV groups and MLP channels, coupled across the linears that
-    share them (``models/units.py``), physically removed at the end."""
+    share them (``models/units.py``), physically removed at the end. The run's
+    :class:`~llm_surgeon.unit_options.UnitOptions` (``--unit-coupling``, ``--unit-ranking``,
+    ``--kind-allocation``) reach it through :meth:`shot_state`."""
 
     name = "heads-channels"
     syntax = "heads-channels"
