@@ -299,7 +299,7 @@ class HeadsChannels(Structure):
     def costs(self, method: GlobalMethod, W: torch.Tensor, curv: Curvature, t: TargetLinear,
               state: UnitShot) -> Costs:
         """This linear's share of each unit's cost; with ``--unit-coupling consumer`` only the
-        consumer's (o, down: the ``cols`` part) is costed, the producers' shares count 0."""
+        consumer's (o, down: the ``cols`` part) is costed, the producers' are not."""
         g, p = state.parts[t.name]
         if not state.counts(p):
             return Costs()
