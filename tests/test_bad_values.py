@@ -110,3 +110,30 @@ def test_bad_number_is_one_line_exit_2_nothing_written(capsys, tmp_path, tiny_mo
     assert len(lines) == 1 and lines[0].startswith("llm-surgeon: error:"), err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # nothing written, not even runs/ of a bench
+
+
+# heads-channels levers: a value argparse does not know, or a lever away from its default with
+# another structure: one line, exit 2, nothing loaded or written
+LEVER_CASES = [
+    (["--structure", "heads-channels", "--unit-coupling", "both"], "--unit-coupling"),
+    (["--structure", "heads-channels", "--unit-ranking", "z"], "--unit-ranking"),
+    (["--structure", "heads-channels", "--kind-allocation", "even"], "--kind-allocation"),
+    (["--unit-coupling", "consumer"], "--unit-coupling applies to --structure heads-channels"),
+    (["--structure", "rows-columns", "--unit-ranking", "cost", "--kind-allocation",
+      "proportional"], "--unit-ranking, --kind-allocation apply to --structure heads-channels"),
+]
+
+
+@pytest.mark.parametrize(("extra", "says"), LEVER_CASES, ids=[s for _, s in LEVER_CASES])
+def test_bad_unit_lever_is_one_line_exit_2(capsys, tmp_path, tiny_model_dirs, sample_text_file,
+                                           no_model_loading, extra, says):
+    argv = ["-q", *_base("prune", tmp_path, tiny_model_dirs["llama"], sample_text_file), *extra]
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2, (argv, err)
+    assert len(lines) == 1 and lines[0].startswith("llm-surgeon: error:") and says in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -87,7 +87,8 @@ def prune_model(model: Any, tokenizer: Any, text_or_windows: Any, method: str = 
             ``percdamp``; ``lowrank_rank``, ``lowrank_steps``, ``lowrank_lr``), and the run's
             other settings under their command-line names: ``seed``, ``batch_size``,
             ``fisher``, ``nearest_kronecker``, ``curvature_pass``, ``channel_multiple``,
-            ``layer_sizes``, ``eval_every_shot``, ``time_plain_pass``, ``offload_dir``.
+            ``layer_sizes``, ``unit_coupling``, ``unit_ranking``, ``kind_allocation``,
+            ``eval_every_shot``, ``time_plain_pass``, ``offload_dir``.
 
     Returns:
         :class:`PruneResult` with ``model``, ``report``, ``output`` (and ``sparsity``,

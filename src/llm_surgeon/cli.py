@@ -163,6 +163,7 @@ def add_method_flags(pr: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from llm_surgeon.config import PruneConfig
+    from llm_surgeon.unit_options import KIND_ALLOCATIONS, UNIT_COUPLINGS, UNIT_RANKINGS
 
     _D = PruneConfig()
     parser = _Parser(
@@ -306,6 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
         "load or export to GGUF); uniform: every layer loses the same number of KV groups and "
         "channels, so plain transformers and any standard runtime load it (default: "
         "%(default)s)",
+    )
+    hc.add_argument(
+        "--unit-coupling", choices=UNIT_COUPLINGS, default=_D.unit_coupling,
+        help="layers: a unit's cost is the sum of every linear's share (q/k/v/o, gate/up/down), "
+        "each linear updated on its own; consumer: only the o/down columns are costed and "
+        "updated (the surgeon's column update reads only A: Numerical pruning's compensation "
+        "after the surgeon's selection), the q/k/v/gate/up rows are zeroed without an update "
+        "(default: %(default)s)",
+    )
+    hc.add_argument(
+        "--unit-ranking", choices=UNIT_RANKINGS, default=_D.unit_ranking,
+        help="how units of different sizes meet in the threshold: per-parameter (cost / "
+        "parameters), cost (raw cost), standardized (z-score of the cost per parameter within "
+        "each layer and kind, as Numerical pruning and FLAP rank) (default: %(default)s)",
+    )
+    hc.add_argument(
+        "--kind-allocation", choices=KIND_ALLOCATIONS, default=_D.kind_allocation,
+        help="global: KV groups and MLP channels in one threshold; proportional: each kind "
+        "loses the target fraction of its own parameters (one threshold per kind, over all "
+        "layers) (default: %(default)s)",
     )
     st = pr.add_argument_group("large models")
     st.add_argument(

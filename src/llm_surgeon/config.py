@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, make_dataclass
 
 from llm_surgeon.errors import UserError
 from llm_surgeon.settings import check_bounded, declared_settings, flag
+from llm_surgeon.unit_options import UNIT_OPTIONS, UnitOptions
 
 FISHER_KINDS = ("empirical", "sampled")
 CURVATURE_PASSES = ("sweep", "hooks")
@@ -82,11 +83,25 @@ class RunConfig:
     # quantization block of llama.cpp's Q8_0/Q4_0, where layers have >= 512 channels; else 1)
     channel_multiple: int | None = None
     layer_sizes: str = "global"  # heads-channels: "global" (per-layer sizes) | "uniform"
+    # heads-channels: "layers": a unit's cost is the sum of every linear's share, each linear
+    # updated on its own; "consumer": only the o/down columns are costed and updated, the
+    # q/k/v/gate/up rows are zeroed without an update
+    unit_coupling: str = "layers"
+    # heads-channels: rank units by "per-parameter" cost, raw "cost", or the cost per parameter
+    # "standardized" (z-score) within each layer and kind
+    unit_ranking: str = "per-parameter"
+    # heads-channels: "global": KV groups and channels in one threshold; "proportional": each
+    # kind loses the target fraction of its own parameters
+    kind_allocation: str = "global"
 
     def unit_shape(self) -> tuple[int | None, bool]:
         """(channel multiple or None for the default, uniform layer sizes) of a heads-channels
         prune; see :func:`llm_surgeon.methods.threshold.default_channel_multiple`."""
         return self.channel_multiple, self.layer_sizes == "uniform"
+
+    def unit_options(self) -> UnitOptions:
+        """The heads-channels levers of this run (coupling, ranking, kind allocation)."""
+        return UnitOptions(self.unit_coupling, self.unit_ranking, self.kind_allocation)
 
     def target_sparsity(self) -> float:
         """The run's target sparsity, resolved by its structure (None: 0.5; N:M: 1 - N/M)."""
@@ -125,6 +140,11 @@ class RunConfig:
             raise UserError(f"--channel-multiple must be an integer in [1, "
                             f"{MAX_CHANNEL_MULTIPLE}], got {k!r}")
         structure.check_unit_shape(self.channel_multiple, self.layer_sizes)
+        for key, choices in UNIT_OPTIONS.items():
+            if getattr(self, key) not in choices:
+                raise UserError(f"{flag(key)} must be one of {', '.join(choices)}, got "
+                                f"{getattr(self, key)!r}")
+        structure.check_unit_options(self.unit_options())
         structure.target_sparsity(self.sparsity)
         if structure.name not in method.structures:
             raise UserError(

@@ -63,6 +63,7 @@ from llm_surgeon.layerwise import (
     prune_layer_linears,
 )
 from llm_surgeon.methods.base import Costs, Curvature, Method, Passes
+from llm_surgeon.methods.obd import zero_removed
 from llm_surgeon.methods.unit_scoring import rank_units, remove_scored_units
 from llm_surgeon.models.layouts import TargetLinear
 from llm_surgeon.models.offload import release_free_memory
@@ -484,7 +485,7 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
     index = {t.name: i for i, t in enumerate(targets)}
     shapes: dict[str, torch.Size] = {}
     small: dict[str, Costs] = {}  # rows and columns, units: a few numbers per layer, in memory
-    state = structure.shot_state(model, targets)
+    state = structure.shot_state(model, targets, cfg.unit_options())
 
     with timer("costs"):
         for ell in tqdm(range(len(store)), desc=f"shot {shot}: costs", leave=False,
@@ -532,7 +533,9 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
             with store.resident(ell, dirty=True):
                 for t in mine:
                     W = augmented_weight(t)
-                    write_augmented(t, method.apply(W, curv[t.name], removal_of(t)))
+                    removal = removal_of(t)
+                    write_augmented(t, method.apply(W, curv[t.name], removal) if removal.update
+                                    else zero_removed(W, removal))
                     curv[t.name] = Curvature()
                     del W
                 structure.after_update(state, ell)

@@ -35,9 +35,12 @@ from llm_surgeon.methods import threshold
 from llm_surgeon.methods.base import Costs, Curvature, GlobalMethod, Removal
 from llm_surgeon.models.layouts import TargetLinear, decoder_linears
 from llm_surgeon.models.shrink import _record_sizes, shrink_group
-from llm_surgeon.models.units import remove_dead_units, unit_groups
+from llm_surgeon.models.units import UnitGroup, UnitSlice, remove_dead_units, unit_groups
+from llm_surgeon.settings import flag
+from llm_surgeon.unit_options import UnitOptions
 
 DEFAULT_SPARSITY = 0.5
+DEFAULT_UNIT_OPTIONS = UnitOptions()  # heads-channels: today's coupling, ranking, allocation
 
 
 @dataclass
@@ -107,13 +110,24 @@ class Structure:
             raise UserError("--layer-sizes and --channel-multiple apply to --structure "
                             "heads-channels only")
 
+    def check_unit_options(self, options: UnitOptions) -> None:
+        """--unit-coupling, --unit-ranking and --kind-allocation away from their defaults
+        only where the structure has units (one-line error)."""
+        changed = options.changed()
+        if changed and not self.accepts_unit_shape:
+            raise UserError(f"{', '.join(flag(k) for k in changed)} "
+                            f"appl{'ies' if len(changed) == 1 else 'y'} to --structure "
+                            "heads-channels only")
+
     def check_widths(self, targets: list[TargetLinear]) -> None:
         """Refuse a model whose linears this structure cannot cut (one-line error)."""
 
     # ---- a global method's shot -------------------------------------------------------------
 
-    def shot_state(self, model: Any, targets: list[TargetLinear]) -> Any:
-        """What the structure needs through one shot (the unit groups of heads-channels)."""
+    def shot_state(self, model: Any, targets: list[TargetLinear],
+                   options: UnitOptions = DEFAULT_UNIT_OPTIONS) -> Any:
+        """What the structure needs through one shot (the unit groups of heads-channels, with
+        the run's ``options`` for them)."""
         return None
 
     def costs(self, method: GlobalMethod, W: torch.Tensor, curv: Curvature, t: TargetLinear,
@@ -245,49 +259,80 @@ class RowsColumns(Structure):
         return lambda t: Removal(rows=picked[t.name][0], cols=picked[t.name][1])
 
 
+@dataclass
+class UnitShot:
+    """Heads-channels' state of one shot: the unit groups, each target's (group, part), and
+    the run's options."""
+
+    groups: list[UnitGroup]
+    parts: dict[str, tuple[UnitGroup, UnitSlice]]
+    options: UnitOptions
+
+    def counts(self, part: UnitSlice) -> bool:
+        """Whether ``part``'s share is costed and updated: every part with
+        ``--unit-coupling layers``, only the consumer's columns with ``consumer``."""
+        return self.options.coupling == "layers" or part.axis == "cols"
+
+    def scores(self, small: Mapping[str, Costs]) -> list[torch.Tensor]:
+        """Each group's unit costs: the sum of its counted parts' shares."""
+        return [torch.stack([small[p.target.name].units.double().cpu()  # type: ignore[union-attr]
+                             for p in g.parts if self.counts(p)]).sum(0) for g in self.groups]
+
+
 class HeadsChannels(Structure):
     """Attention heads in whole KV groups and MLP channels, coupled across the linears that
-    share them (``models/units.py``), physically removed at the end."""
+    share them (``models/units.py``), physically removed at the end. The run's
+    :class:`~llm_surgeon.unit_options.UnitOptions` (``--unit-coupling``, ``--unit-ranking``,
+    ``--kind-allocation``) reach it through :meth:`shot_state`."""
 
     name = "heads-channels"
     syntax = "heads-channels"
     accepts_unit_shape = True
     small_costs = True
 
-    def shot_state(self, model: Any, targets: list[TargetLinear]) -> Any:
+    def shot_state(self, model: Any, targets: list[TargetLinear],
+                   options: UnitOptions = DEFAULT_UNIT_OPTIONS) -> UnitShot:
         groups = unit_groups(model, targets)
-        return groups, {p.target.name: (g, p) for g in groups for p in g.parts}
+        return UnitShot(groups, {p.target.name: (g, p) for g in groups for p in g.parts},
+                        options)
 
     def costs(self, method: GlobalMethod, W: torch.Tensor, curv: Curvature, t: TargetLinear,
-              state: Any) -> Costs:
-        g, p = state[1][t.name]
+              state: UnitShot) -> Costs:
+        """This linear's share of each unit's cost; with ``--unit-coupling consumer`` only the
+        consumer's (o, down: the ``cols`` part) is costed, the producers' are not."""
+        g, p = state.parts[t.name]
+        if not state.counts(p):
+            return Costs()
         return Costs(units=p.unit_costs(method, W, curv, g.count))
 
     def select(self, shot: ShotCosts, target_sparsity: float, allocation: str,
                unit_shape: tuple[int | None, bool]) -> Callable[[TargetLinear], Removal]:
-        """Units ranked by cost per parameter (the sum of their parts' shares); channels in
-        blocks that keep every width a multiple of the channel multiple; ``uniform``: every
-        layer loses the same counts (one global ranking, whatever the allocation)."""
-        groups = shot.state[0]
-        scores = [torch.stack([shot.small[p.target.name].units.double().cpu()
-                               for p in g.parts]).sum(0) for g in groups]
+        """Units ranked by cost per parameter (the sum of their parts' shares; or as
+        ``--unit-ranking`` says, per kind with ``--kind-allocation proportional``); channels
+        in blocks that keep every width a multiple of the channel multiple; ``uniform``: every
+        layer loses the same counts (one global ranking, whatever the allocation). With
+        ``--unit-coupling consumer`` the producers' rows are zeroed without an update."""
+        state: UnitShot = shot.state
+        groups, options = state.groups, state.options
         masks = threshold.select_unit_masks(
-            scores, [g.params_per_unit() for g in groups], [g.kind for g in groups],
-            [g.layer for g in groups], sum(math.prod(s) for s in shot.shapes.values()),
+            state.scores(shot.small), [g.params_per_unit() for g in groups],
+            [g.kind for g in groups], [g.layer for g in groups],
+            sum(math.prod(s) for s in shot.shapes.values()),
             target_sparsity, allocation=allocation,  # type: ignore[arg-type]
-            channel_multiple=unit_shape[0], uniform=unit_shape[1])
+            channel_multiple=unit_shape[0], uniform=unit_shape[1], ranking=options.ranking,
+            kind_allocation=options.kind_allocation)
         removals: dict[str, Removal] = {}
         for g, mask in zip(groups, masks, strict=True):
             chosen = torch.nonzero(mask).reshape(-1)
             for p in g.parts:
                 idx = p.indices(chosen)
-                removals[p.target.name] = (Removal(rows=idx) if p.axis == "rows"
-                                           else Removal(cols=idx))
+                removals[p.target.name] = (Removal(rows=idx, update=state.counts(p))
+                                           if p.axis == "rows" else Removal(cols=idx))
         return lambda t: removals[t.name]
 
-    def after_update(self, state: Any, layer: int) -> None:
+    def after_update(self, state: UnitShot, layer: int) -> None:
         """Rows whose downstream column is gone go too."""
-        remove_dead_units([g for g in state[0] if g.layer == layer])
+        remove_dead_units([g for g in state.groups if g.layer == layer])
 
     def finish(self, run: Any, counts: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
         """Physically smaller: heads (in whole KV groups) and channels leave the module

@@ -60,6 +60,9 @@ class Removal:
     mask: torch.Tensor | None = None  # bool, shape of W, True = removed
     rows: torch.Tensor | None = None  # int indices
     cols: torch.Tensor | None = None  # int indices
+    # False: the removed entries are zeroed and nothing else moves, whatever the method
+    # (``obd.zero_removed``), e.g. the producer rows of a unit costed by its consumer alone
+    update: bool = True
 
 
 @dataclass

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 
 from llm_surgeon.methods.nm import nm_group_costs, nm_mask
+from llm_surgeon.unit_options import KIND_ALLOCATIONS, UNIT_RANKINGS
 
 __all__ = [
     "Selection",
@@ -773,20 +774,71 @@ def select_lines(costs: Mapping[str, tuple[Tensor, Tensor]], shapes: Mapping[str
     return pick_in(names, target_count(sum(numel.values()), target_sparsity))
 
 
+def standardized_unit_keys(costs: Tensor, size: int) -> Tensor:
+    """Ranking keys of one group's units (one kind in one layer) under the *standardized*
+    ranking: the z-score of the cost per parameter over the group,
+
+        k_u = c_u / size,   z_u = (k_u − mean k) / std k   (population std; all equal: z = 0),
+
+    taken over the units of nonzero cost only; a unit of cost exactly 0 (removed in an earlier
+    shot, or dead) gets −inf, so that it is taken first, as it is under the other rankings
+    (and stays removed: the surgeon's update would move an unselected zero column). This is
+    how Numerical pruning and FLAP put heads and channels on one scale
+    (:func:`llm_surgeon.methods.numerical.standardize_scores`)."""
+    c = costs.reshape(-1).double().cpu()
+    out = torch.full_like(c, float("-inf"))
+    live = c != 0
+    if bool(live.any()):
+        k = c[live] / size
+        centred = k - k.mean()
+        std = centred.square().mean().sqrt()
+        out[live] = centred / std if float(std) > 0 else torch.zeros_like(k)
+    return out
+
+
 def select_unit_masks(scores: Sequence[Tensor], sizes: Sequence[int], kinds: Sequence[str],
                       layers: Sequence[int], total: int, target_sparsity: float, *,
                       allocation: Allocation = "global", channel_multiple: int | None = None,
-                      uniform: bool = False, per_param: bool = True) -> list[Tensor]:
+                      uniform: bool = False, ranking: str = "per-parameter",
+                      kind_allocation: str = "global") -> list[Tensor]:
     """Coupled units (KV groups, MLP channels) to remove, one bool mask per group: ranked by
-    score (per parameter with ``per_param``) until ``target_sparsity`` of ``total`` parameters
-    is gone, or (``allocation="layer"``, not with ``uniform``) within each decoder layer, each
-    layer taking the fraction of its units' parameters with the remainder carried over.
-    ``kinds[k]`` is "heads" or "channels"; ``channel_multiple`` (None:
-    :func:`default_channel_multiple` of the channel counts) and ``uniform`` shape the result
-    (:func:`select_shaped_units`)."""
+    score until ``target_sparsity`` of ``total`` parameters is gone, or (``allocation="layer"``,
+    not with ``uniform``) within each decoder layer, each layer taking the fraction of its
+    units' parameters with the remainder carried over. ``kinds[k]`` is "heads" or "channels";
+    ``channel_multiple`` (None: :func:`default_channel_multiple` of the channel counts) and
+    ``uniform`` shape the result (:func:`select_shaped_units`).
+
+    ``ranking``: the key a candidate is ranked by: "per-parameter" (its cost / its parameters),
+    "cost" (its cost), "standardized" (the mean over its units of
+    :func:`standardized_unit_keys`: a unit's score ``z · size`` ranked per parameter, so that a
+    block of channels, or a position of ``uniform``, is keyed by its units' mean z).
+    ``kind_allocation="proportional"``: each kind is selected on its own, losing
+    ``target_sparsity`` of its own units' parameters (two thresholds, each over all layers)."""
+    if ranking not in UNIT_RANKINGS:
+        raise ValueError(f"unknown unit ranking {ranking!r}")
+    if kind_allocation not in KIND_ALLOCATIONS:
+        raise ValueError(f"unknown kind allocation {kind_allocation!r}")
     multiple = default_channel_multiple(
         [int(s.numel()) for s, k in zip(scores, kinds, strict=True) if k == "channels"],
         channel_multiple)
+    if ranking == "standardized":
+        scores = [standardized_unit_keys(s, size) * size
+                  for s, size in zip(scores, sizes, strict=True)]
+    per_param = ranking != "cost"
+
+    if kind_allocation == "proportional":
+        masks: list[Tensor] = [torch.empty(0)] * len(scores)
+        for kind in dict.fromkeys(kinds):
+            ks = [k for k, kd in enumerate(kinds) if kd == kind]
+            own = sum(sizes[k] * int(scores[k].numel()) for k in ks)
+            part = select_unit_masks(
+                [scores[k] for k in ks], [sizes[k] for k in ks], [kind] * len(ks),
+                [layers[k] for k in ks], own, target_sparsity, allocation=allocation,
+                channel_multiple=multiple, uniform=uniform,
+                ranking="per-parameter" if per_param else "cost")
+            for k, m in zip(ks, part, strict=True):
+                masks[k] = m
+        return masks
 
     def choose(ks: list[int], n: int) -> list[Tensor]:
         if multiple == 1 and not uniform:
@@ -800,7 +852,7 @@ def select_unit_masks(scores: Sequence[Tensor], sizes: Sequence[int], kinds: Seq
     everything = list(range(len(scores)))
     if allocation != "layer" or uniform:
         return choose(everything, target_count(total, target_sparsity))
-    masks: list[Tensor] = []
+    masks = []
     seen = removed = 0
     for layer in sorted(set(layers)):
         ks = [k for k in everything if layers[k] == layer]
