@@ -120,7 +120,8 @@ MAX_NM_SUBSETS = 1024  # C(M, M−N) sets per group that nm_cost="joint" enumera
 
 @dataclass(frozen=True)
 class SurgeonSettings(Settings):
-    """LLM Surgeon: damping of the Kronecker factors and the size of a correlated update."""
+    """LLM Surgeon: damping of the Kronecker factors, the size of a correlated update and how
+    an N:M group's removals are chosen."""
 
     damp_g: float = setting(
         0.1, "damping of G relative to its mean diagonal (default: %(default)s, as the paper's "
