@@ -137,3 +137,37 @@ def test_bad_unit_lever_is_one_line_exit_2(capsys, tmp_path, tiny_model_dirs, sa
     assert code == 2, (argv, err)
     assert len(lines) == 1 and lines[0].startswith("llm-surgeon: error:") and says in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [["--nm-cost", "bogus"], ["--nm-cost", ""],
+                                   ["--structure", "8:16", "--nm-cost", "joint"]])
+def test_bad_nm_cost_is_one_line_exit_2_nothing_written(capsys, tmp_path, tiny_model_dirs,
+                                                       sample_text_file, no_model_loading,
+                                                       extra):
+    """An unknown --nm-cost, and 'joint' where it would enumerate C(16, 8) = 12870 sets per
+    group: exit 2, one line, nothing written, no model loaded; the same refusals for a bench
+    YAML or a checkpoint's record (PruneConfig.validate) and for prune_model's settings."""
+    from llm_surgeon.config import PruneConfig
+    from llm_surgeon.errors import UserError
+    from llm_surgeon.settings import SurgeonSettings
+
+    argv = ["-q", *_base("prune", tmp_path, tiny_model_dirs["llama"], sample_text_file),
+            *extra]
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "--nm-cost" in lines[0], err
+    assert lines[0].startswith("llm-surgeon: error:") and list(tmp_path.iterdir()) == []
+    for value in ("bogus", 3, None):
+        with pytest.raises(UserError, match=r"nm.cost"):
+            PruneConfig(structure="2:4", nm_cost=value).validate()
+        with pytest.raises(UserError, match="--nm-cost must be one of independent, joint"):
+            SurgeonSettings(nm_cost=value).check()
+    with pytest.raises(UserError, match="--nm-cost joint compares all 12870"):
+        PruneConfig(structure="8:16", nm_cost="joint").validate()
+    PruneConfig(structure="8:16", nm_cost="joint", method="sparsegpt").validate()  # ignored
+    PruneConfig(structure="unstructured", nm_cost="joint").validate()  # ignored: no groups
+    PruneConfig(structure="4:8", nm_cost="joint").validate()  # 70 sets: fine

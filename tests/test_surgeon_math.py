@@ -549,3 +549,116 @@ def test_prepared_leaves_the_curvature_it_receives_alone():
     _close(new.A, S.damp(A.double(), 0.01))
     _close(new.Ginv @ new.G, torch.eye(6, dtype=F64))
     _close(new.Ainv @ new.A, torch.eye(5, dtype=F64))
+
+
+# ---- N:M groups chosen jointly (--nm-cost joint) --------------------------------------------
+
+def test_nm_subset_costs_equal_kron_brute_force_and_choice_is_the_argmin():
+    """Every subset's cost equals ½ w_Qᵀ [(Ginv ⊗ Ainv)_QQ]⁻¹ w_Q from the explicit Kronecker
+    product (Q: the subset's row-major flat indices), for 2:4 and 1:4 (three removed) on a
+    4×9 weight whose last column (a bias) is never grouped; the chosen subset of every group
+    is the cheapest by enumeration, in any row chunking."""
+    import itertools
+
+    W, _, _, Gi, Ai = _problem(seed=11, out=4, inp=9)
+    K = torch.kron(Gi, Ai)
+    for n in (2, 1):
+        subsets = list(itertools.combinations(range(4), 4 - n))
+        assert S.costs.nm_subsets(n, 4).tolist() == [list(s) for s in subsets]
+        c = S.costs.nm_subset_costs(W, Gi, Ai, n, 4, n_groupable_cols=8)
+        assert c.shape == (4, 2, len(subsets))
+        for chunk in (1 << 22, 1):  # one chunk of rows, or one row at a time
+            best, mask = S.costs.nm_group_subset_costs(W, Gi, Ai, n, 4, n_groupable_cols=8,
+                                                       chunk_elements=chunk)
+            assert not mask[:, 8].any() and mask.sum() == 4 * 2 * (4 - n)
+            for i in range(4):
+                for g in range(2):
+                    brute = []
+                    for s, sub in enumerate(subsets):
+                        q = [i * 9 + g * 4 + j for j in sub]
+                        w = W.reshape(-1)[q]
+                        brute.append(float(0.5 * w @ torch.linalg.solve(K[q][:, q], w)))
+                        _close(c[i, g, s], brute[-1], rtol=1e-10)
+                    arg = min(range(len(brute)), key=brute.__getitem__)
+                    _close(best[i, g], brute[arg], rtol=1e-10)
+                    picked = mask[i, 4 * g:4 * g + 4].nonzero().flatten().tolist()
+                    assert picked == list(subsets[arg])
+
+
+def test_nm_subset_costs_with_one_removed_are_element_costs():
+    """3:4 removes one weight per group: the joint cost of a singleton is the element cost, so
+    the joint choice and cost are the independent ones."""
+    W, _, _, Gi, Ai = _problem(seed=12, out=5, inp=8)
+    c = S.costs.nm_subset_costs(W, Gi, Ai, 3, 4)
+    _close(c.reshape(5, 8), S.element_costs(W, Gi, Ai), rtol=1e-12)
+    best, mask = S.costs.nm_group_subset_costs(W, Gi, Ai, 3, 4)
+    assert torch.equal(mask, NM.nm_mask(S.element_costs(W, Gi, Ai), 3, 4))
+    _close(best, NM.nm_group_costs(S.element_costs(W, Gi, Ai), 3, 4), rtol=1e-12)
+
+
+def _nm_exact_loss(W, G, A, mask) -> float:
+    return float(_kkt(W, G, A, mask)[1])
+
+
+def test_joint_nm_choice_can_differ_and_is_never_worse_after_the_update():
+    """Two strongly correlated inputs (ρ = 0.95) with weights of the same sign: each alone is
+    cheap (the other compensates), together they are not. Independent costs remove both;
+    the joint choice removes one of them and the smaller of the other two, and its exact loss
+    after the optimal update (the brute-force KKT) is lower. Then random problems whose rows
+    decouple (G diagonal, one group per row, one shot): the joint mask's exact loss is the
+    least over all 6³ masks, so never above the independent one's, and the two choices differ
+    on some of them."""
+    import itertools
+
+    A = torch.eye(4, dtype=F64)
+    A[0, 1] = A[1, 0] = 0.95
+    G = torch.ones(1, 1, dtype=F64)
+    W = torch.tensor([[1.0, 1.0, 0.8, 0.9]], dtype=F64)
+    Gi, Ai = torch.linalg.inv(G), torch.linalg.inv(A)
+    indep = NM.nm_mask(S.element_costs(W, Gi, Ai), 2, 4)
+    _, joint = S.costs.nm_group_subset_costs(W, Gi, Ai, 2, 4)
+    assert indep[0].tolist() == [True, True, False, False]
+    assert joint[0].tolist() == [True, False, True, False]
+    assert _nm_exact_loss(W, G, A, joint) < 0.5 * _nm_exact_loss(W, G, A, indep)
+
+    g = torch.Generator().manual_seed(5)
+    subsets = [list(s) for s in itertools.combinations(range(4), 2)]
+    differ = 0
+    for _ in range(12):
+        A = _spd(4, g, ridge=0.02)  # correlated inputs
+        G = torch.diag(torch.rand(3, generator=g, dtype=F64) + 0.5)
+        W = torch.randn(3, 4, generator=g, dtype=F64)
+        Gi, Ai = torch.linalg.inv(G), torch.linalg.inv(A)
+        indep = NM.nm_mask(S.element_costs(W, Gi, Ai), 2, 4)
+        best, joint = S.costs.nm_group_subset_costs(W, Gi, Ai, 2, 4)
+        l_joint, l_indep = (_nm_exact_loss(W, G, A, m) for m in (joint, indep))
+        _close(l_joint, float(best.sum()), rtol=1e-9)  # rows decouple: the costs add up
+        every = []
+        for pick in itertools.product(subsets, repeat=3):
+            m = torch.zeros(3, 4, dtype=torch.bool)
+            for r, sub in enumerate(pick):
+                m[r, sub] = True
+            every.append(_nm_exact_loss(W, G, A, m))
+        assert l_joint <= min(every) * (1 + 1e-9)
+        assert l_joint <= l_indep * (1 + 1e-9)
+        differ += int(not torch.equal(joint, indep))
+    assert differ >= 3
+
+
+def test_nm_chosen_costs_keep_the_nm_threshold_contract():
+    """Joint group costs through nm_chosen_costs → nm_eligible_costs (unchanged by it) →
+    the global threshold: an intermediate target takes whole groups, cheapest first; the final
+    one removes exactly the chosen sets (exact 2:4), never the bias column."""
+    W, _, _, Gi, Ai = _problem(seed=13, out=6, inp=13)
+    best, chosen = S.costs.nm_group_subset_costs(W, Gi, Ai, 2, 4, n_groupable_cols=12)
+    elig = T.nm_chosen_costs(best, chosen, 2, 4)
+    assert torch.equal(T.nm_eligible_costs(elig, 2, 4, groupable=12), elig)
+    assert bool(torch.isinf(elig[~chosen]).all()) and bool(torch.isfinite(elig[chosen]).all())
+    final = T.global_masks([elig], W.numel())[0]
+    assert torch.equal(final, chosen) and NM.check_nm(~final, 2, 4, n_groupable_cols=12)
+    part = T.global_masks([elig], 10)[0]  # five of the 18 groups
+    taken = part[:, :12].reshape(6, 3, 4).any(-1)
+    assert int(taken.sum()) == 5
+    assert torch.equal(part[:, :12], chosen[:, :12] & taken.repeat_interleave(4, 1))
+    cheapest = torch.argsort(best.reshape(-1))[:5]
+    assert sorted(cheapest.tolist()) == taken.reshape(-1).nonzero().flatten().tolist()

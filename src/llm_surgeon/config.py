@@ -12,7 +12,13 @@ import math
 from dataclasses import dataclass, field, fields, make_dataclass
 
 from llm_surgeon.errors import UserError
-from llm_surgeon.settings import check_bounded, declared_settings, flag
+from llm_surgeon.settings import (
+    MAX_NM_SUBSETS,
+    check_bounded,
+    check_choice,
+    declared_settings,
+    flag,
+)
 from llm_surgeon.unit_options import UNIT_OPTIONS, UnitOptions
 
 FISHER_KINDS = ("empirical", "sampled")
@@ -119,6 +125,9 @@ class RunConfig:
             raise UserError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         for name in (*BOUNDS, *_OPEN_LOW):
             check_number(name, getattr(self, name))
+        for key, f in declared_settings().items():
+            if f.metadata["choices"]:
+                check_choice(key, getattr(self, key), f.metadata["choices"])
         if self.fisher not in FISHER_KINDS:
             raise UserError(f"--fisher must be one of {', '.join(FISHER_KINDS)}")
         if self.curvature_pass not in CURVATURE_PASSES:
@@ -151,6 +160,13 @@ class RunConfig:
                 f"method {self.method!r} does not support --structure {structure} "
                 f"(supports: {', '.join(method.structures)})"
             )
+        nm = structure.nm
+        if nm is not None and method.Settings.accepts("nm_cost") and \
+                getattr(self, "nm_cost", None) == "joint" and \
+                math.comb(nm[1], nm[1] - nm[0]) > MAX_NM_SUBSETS:
+            raise UserError(f"--nm-cost joint compares all {math.comb(nm[1], nm[1] - nm[0])} "
+                            f"ways to remove {nm[1] - nm[0]} of {nm[1]}, more than "
+                            f"{MAX_NM_SUBSETS}; use --nm-cost independent for {structure}")
         return structure
 
     def check_types(self) -> None:

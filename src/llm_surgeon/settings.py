@@ -46,6 +46,12 @@ def check_bounded(name: str, value: object, bounds: tuple[float, float],
         raise UserError(f"{flag(name)} must be in [{lo}, {hi}], got {value!r}")
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """``value`` of the setting ``name`` one of ``choices`` (one-line error)."""
+    if not isinstance(value, str) or value not in choices:
+        raise UserError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def setting(default: Any, help: str, *, bounds: tuple[float, float] | None = None,
             open_low: bool = False, kind: str | None = None, choices: tuple[str, ...] = (),
             metavar: str | None = None) -> Any:
@@ -89,11 +95,14 @@ class Settings:
         return None
 
     def check(self) -> None:
-        """Every bounded setting in its range (one-line errors naming its flag)."""
+        """Every bounded setting in its range, every setting with choices one of them
+        (one-line errors naming its flag)."""
         for key, f in self.declared():
             if f.metadata.get("bounds") is not None:
                 check_bounded(key, getattr(self, f.name), f.metadata["bounds"],
                               f.metadata.get("open_low", False))
+            if f.metadata.get("choices"):
+                check_choice(key, getattr(self, f.name), f.metadata["choices"])
 
     def record(self) -> dict[str, Any]:
         """The settings under their flat keys."""
@@ -105,9 +114,14 @@ class NoSettings(Settings):
     """A method without knobs (magnitude, L-OBD, K-OBD, Wanda)."""
 
 
+NM_COSTS = ("independent", "joint")  # the surgeon's N:M group choice (SurgeonSettings.nm_cost)
+MAX_NM_SUBSETS = 1024  # C(M, M−N) sets per group that nm_cost="joint" enumerates at most
+
+
 @dataclass(frozen=True)
 class SurgeonSettings(Settings):
-    """LLM Surgeon: damping of the Kronecker factors and the size of a correlated update."""
+    """LLM Surgeon: damping of the Kronecker factors, the size of a correlated update and how
+    an N:M group's removals are chosen."""
 
     damp_g: float = setting(
         0.1, "damping of G relative to its mean diagonal (default: %(default)s, as the paper's "
@@ -118,6 +132,11 @@ class SurgeonSettings(Settings):
     max_correlate: int = setting(
         256, "surgeon: weights removed together in one correlated update (default: "
         "%(default)s)", bounds=(1, 1_048_576), kind="positive-int")
+    nm_cost: str = setting(
+        "independent", "surgeon, N:M only: how each group's M-N weights to remove are chosen and "
+        "ranked: 'independent' (the M-N cheapest single-weight costs, their mean; the default) "
+        "or 'joint' (the set of M-N with the least exact cost removed together, all C(M, M-N) "
+        "sets compared; other structures ignore it)", choices=NM_COSTS)
 
 
 def _percdamp() -> Any:

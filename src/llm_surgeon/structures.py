@@ -233,8 +233,13 @@ class NM(Structure):
                 raise UserError(f"--structure {self}: M={self.m} does not divide the input "
                                 f"width {t.module.in_features} of {t.name}")
 
-    def eligible(self, costs: torch.Tensor, t: TargetLinear) -> torch.Tensor:
+    def costs(self, method: GlobalMethod, W: torch.Tensor, curv: Curvature, t: TargetLinear,
+              state: Any) -> Costs:
+        """The method's element costs for N:M (:meth:`GlobalMethod.nm_element_costs`)."""
+        return Costs(elements=method.nm_element_costs(W, curv, self.n, self.m,
+                                                      t.module.in_features))
 
+    def eligible(self, costs: torch.Tensor, t: TargetLinear) -> torch.Tensor:
         return threshold.nm_eligible_costs(costs, self.n, self.m,
                                            groupable=t.module.in_features)
 

@@ -131,6 +131,15 @@ class GlobalMethod(Method):
     def element_costs(self, W: torch.Tensor, curv: Curvature) -> torch.Tensor:
         """Cost of removing each single weight (shape of W)."""
 
+    def nm_element_costs(self, W: torch.Tensor, curv: Curvature, n: int, m: int,
+                         groupable: int) -> torch.Tensor:
+        """Element costs under an N:M structure (groups of M among the first ``groupable``
+        columns): :meth:`element_costs` by default, each group then losing its M−N cheapest
+        weights. A method that chooses each group's M−N jointly returns
+        :func:`~llm_surgeon.methods.threshold.nm_chosen_costs` instead (the surgeon's
+        ``--nm-cost joint``)."""
+        return self.element_costs(W, curv)
+
     def line_costs(self, W: torch.Tensor, curv: Curvature
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cost of removing each whole row (out,) and each whole column (in,)."""

@@ -41,6 +41,7 @@ __all__ = [
     "Selection",
     "global_masks",
     "linear_schedule",
+    "nm_chosen_costs",
     "nm_eligible_costs",
     "select_global",
     "select_rows_columns",
@@ -319,6 +320,29 @@ def nm_eligible_costs(costs: Tensor, n: int, m: int, *, groupable: int | None = 
                                  torch.full((), float("inf"), dtype=costs.dtype,
                                             device=costs.device))
     return out
+
+
+def nm_chosen_costs(group_costs: Tensor, chosen: Tensor, n: int, m: int) -> Tensor:
+    """Eligible element costs of N:M groups whose M−N weights to remove were chosen elsewhere
+    (e.g. jointly, :func:`~llm_surgeon.methods.surgeon.costs.nm_group_subset_costs`): each
+    chosen weight gets its group's cost / (M−N), every other element ``+inf``.
+
+    ``group_costs``: (out, groups); ``chosen``: bool removal mask (out, in) with exactly M−N
+    per group in the first ``groups · M`` columns and nothing after. The same contract as
+    :func:`nm_eligible_costs`, which leaves these costs as they are (up to rounding for
+    M−N > 2), so the threshold takes whole groups in order of cost and the last shot is
+    exactly N:M.
+    """
+    out, groups = group_costs.shape
+    width = groups * m
+    counts = chosen[:, :width].reshape(out, groups, m).sum(-1)
+    if chosen.shape[0] != out or bool((counts != m - n).any()) or bool(chosen[:, width:].any()):
+        raise ValueError(f"chosen must remove exactly {m - n} of every group of {m}")
+    per = (group_costs / (m - n)).repeat_interleave(m, dim=1)
+    res = torch.full(chosen.shape, float("inf"), dtype=group_costs.dtype,
+                     device=group_costs.device)
+    res[:, :width] = torch.where(chosen[:, :width], per, res[:, :width])
+    return res
 
 
 def select_rows_columns(

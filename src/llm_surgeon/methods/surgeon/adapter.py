@@ -13,6 +13,7 @@ from llm_surgeon.methods.surgeon.costs import (
     column_costs,
     column_group_costs,
     element_costs,
+    nm_group_subset_costs,
     row_costs,
     row_group_costs,
 )
@@ -75,6 +76,21 @@ class SurgeonMethod(GlobalMethod):
         if curv.flat:
             return torch.zeros_like(W)
         return element_costs(W, curv.Ginv, curv.Ainv)
+
+    def nm_element_costs(self, W: Tensor, curv: Curvature, n: int, m: int,
+                         groupable: int) -> Tensor:
+        """``nm_cost="independent"``: :meth:`element_costs` (each group loses its M−N cheapest
+        single weights). ``"joint"``: each group's M−N chosen among all C(M, M−N) sets by
+        their exact OBS cost together (:func:`~.costs.nm_group_subset_costs`), in the form
+        :func:`~llm_surgeon.methods.threshold.nm_chosen_costs`."""
+        if self.settings.nm_cost == "independent" or curv.flat:
+            return self.element_costs(W, curv)
+        from llm_surgeon.methods.threshold import nm_chosen_costs
+
+        W = W.to(self.compute_dtype)
+        cost, chosen = nm_group_subset_costs(W, curv.Ginv, curv.Ainv, n, m,
+                                             n_groupable_cols=groupable)
+        return nm_chosen_costs(cost.to(W.dtype), chosen, n, m)
 
     def line_costs(self, W: Tensor, curv: Curvature) -> tuple[Tensor, Tensor]:
         W = W.to(self.compute_dtype)
