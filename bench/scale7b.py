@@ -18,8 +18,8 @@ The one-GPU projection counts each phase's floating-point operations per layer (
 divides by a stated throughput (``--gpu-tflops``, ``--gpu-fp64-tflops``); the update's solver is
 iterative, so its count is the measured time here times this machine's measured matmul rate.
 Writes ``bench/scale7b/results.json`` and ``results.md`` (``--device cuda``: ``results-cuda.*``);
-each finished (job, layer count) is kept in ``bench/scale7b/runs/`` and not rerun (delete it to
-measure again).
+each finished (job, layer count) is kept in ``bench/scale7b/runs/`` and not rerun with the same
+arguments (delete it to measure again).
 """
 
 from __future__ import annotations
@@ -197,13 +197,23 @@ def main() -> None:
         for structure, sparsity in JOBS:
             key = f"{structure}-{sparsity}-{layers}l"
             done = runs_dir / f"{key}{suffix}.json"
+            made_with = {"threads": args.threads, "windows": args.windows,
+                         "seqlen": args.seqlen, "max_memory": args.max_memory,
+                         "calib_data": args.calib_data, "shapes": shapes}
             if done.is_file():
-                runs[key] = json.loads(done.read_text())
-                continue
+                try:
+                    kept = json.loads(done.read_text())
+                except ValueError:
+                    kept = {}
+                if kept.get("made_with") == made_with:
+                    runs[key] = kept
+                    continue
             build(model, layers, shapes)
             print(f"scale bench: {key}", flush=True)
-            runs[key] = run_child(model, structure, sparsity, args)
-            done.write_text(json.dumps(runs[key], indent=2) + "\n")
+            runs[key] = {**run_child(model, structure, sparsity, args), "made_with": made_with}
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(runs[key], indent=2) + "\n")
+            tmp.replace(done)
     tokens = args.windows * args.seqlen
     flops = flops_per_layer(shapes, tokens, args.seqlen)
     cpu_gflops = matmul_gflops(args.threads)

@@ -27,6 +27,11 @@ class EvenColumns(Structure):
 
     name = "even-columns"
     syntax = "even-columns"
+    shots_seen: ClassVar[list[int]] = []
+
+    def shot_state(self, model, targets):  # the two-argument form a plug-in may keep
+        self.shots_seen.append(len(targets))
+        return None
 
     def eligible(self, costs, t):
         out = costs.clone()
@@ -89,6 +94,7 @@ def test_toy_method_and_toy_structure_prune_a_tiny_model(tiny_tok):
     model = tiny_model("llama")
     before = {t.name: t.module.weight.detach().clone() for t in decoder_linears(model)}
     ActivationScaled.seen_powers.clear()
+    EvenColumns.shots_seen.clear()
     result = llm_surgeon.prune_model(model, tiny_tok, SAMPLE_TEXT, method="toy-scaled",
                                      structure="even-columns", sparsity=0.3, shots=2,
                                      calib_samples=4, seqlen=32, power=0.5)
@@ -97,6 +103,7 @@ def test_toy_method_and_toy_structure_prune_a_tiny_model(tiny_tok):
     assert set(ActivationScaled.seen_powers) == {0.5}  # its own settings reached it
     assert result.report["settings"]["power"] == 0.5  # and are recorded with the run's
     assert len(result.report["shots"]) == 2
+    assert EvenColumns.shots_seen == [len(decoder_linears(model))] * 2  # its shot_state ran
     z = n = 0
     for t in decoder_linears(model):
         w = t.module.weight.detach()

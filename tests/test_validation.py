@@ -65,6 +65,8 @@ def test_bench_runs_told_apart_by_name(tmp_path, tiny_model_dirs, sample_text_fi
         bench_mod.expand_runs({**common, "runs": same})
     with pytest.raises(UserError, match="bench run name"):
         bench_mod.expand_runs({**common, "runs": [{**same[0], "name": "../escape"}]})
+    with pytest.raises(UserError, match="taken by the dense"):
+        bench_mod.expand_runs({**common, "runs": [{**same[0], "name": "dense"}]})
     runs = [{**same[0], "name": "damp-default"}, {**same[1], "name": "damp-g-0.5"},
             {**same[0], "name": "on-validation", "validation": True}]
     cfg_file = tmp_path / "ablation.yaml"
@@ -79,3 +81,11 @@ def test_bench_runs_told_apart_by_name(tmp_path, tiny_model_dirs, sample_text_fi
     assert got["on-validation"]["ppl_dense"] != got["damp-default"]["ppl_dense"]
     assert (out / "runs" / "dense-validation.json").is_file()
     assert "| damp-g-0.5 | surgeon | 2:4 |" in (out / "results.md").read_text()
+    # the dense file records what it was measured on
+    assert json.loads((out / "runs" / "dense.json").read_text())["validation"] is False
+
+    # a finished run is reused only with the settings it was made with
+    runs[0] = {**runs[0], "validation": True}
+    cfg_file.write_text(yaml.safe_dump({**common, "runs": runs}))
+    with pytest.raises(UserError, match=r"damp-default\.json was made with validation=False"):
+        bench_mod.bench(bench_mod.load_config(cfg_file), out, progress=False)

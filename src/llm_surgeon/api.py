@@ -15,7 +15,8 @@ from llm_surgeon.errors import UserError
 
 # run settings prune_model fixes itself (from the model in memory and its arguments)
 _FIXED = {"model", "method", "structure", "sparsity", "shots", "output", "eval", "eval_data",
-          "dtype", "device", "max_memory", "calib_data", "seqlen", "calib_samples"}
+          "dtype", "device", "max_memory", "calib_data", "seqlen", "calib_samples",
+          "validation"}
 
 
 @dataclass

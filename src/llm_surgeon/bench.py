@@ -26,7 +26,7 @@ import json
 import math
 import re
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,9 @@ CSV_COLUMNS = (
 )
 _CONFIG_KEYS = {f.name for f in fields(PruneConfig)}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_DENSE_FILES = ("dense", "dense-validation")
+# what the dense perplexity depends on: a recorded one is reused only where all of these match
+_EVAL_KEYS = ("model", "eval_data", "calib_data", "seqlen", "eval_windows", "validation", "dtype")
 
 
 def run_id(run: dict[str, Any]) -> str:
@@ -147,6 +150,9 @@ def expand_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
         if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
             raise UserError(f"bench run name {name!r}: use letters, digits, '.', '_' and '-' "
                             "(it names the run's file)")
+        if name in _DENSE_FILES:
+            raise UserError(f"bench run name {name!r} is taken by the dense perplexity's file; "
+                            "choose another")
         PruneConfig(**_settings(run)).validate()
         runs.append(run)
     ids = [run_id(r) for r in runs]
@@ -154,6 +160,20 @@ def expand_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
         raise UserError("two bench runs have the same id (method, structure, sparsity and "
                         "shots, or name): give them distinct 'name's")
     return runs
+
+
+def _check_cached(path: Path, result: dict[str, Any], cfg: Any) -> None:
+    """A finished run is reused only if it was made with the settings the config now gives it
+    (a run id says method, structure, sparsity and shots, or a name: not e.g. the split)."""
+    recorded = result.get("settings")
+    if not isinstance(recorded, dict):
+        return  # older results without their settings
+    differ = [k for k, v in asdict(cfg).items()
+              if k not in ("output",) and k in recorded and recorded[k] != v]
+    if differ:
+        k = differ[0]
+        raise UserError(f"{path} was made with {k}={recorded[k]!r}, the config now says "
+                        f"{getattr(cfg, k)!r}; delete it to run it again")
 
 
 def _settings(run: dict[str, Any]) -> dict[str, Any]:
@@ -193,14 +213,20 @@ def bench(
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rows = []
     for run in runs:
+        cfg = PruneConfig(**_settings(run))
         # the dense perplexity is shared by the runs that evaluate on the same windows
-        dense_path = out / "runs" / ("dense-validation.json" if run.get("validation")
-                                     else "dense.json")
-        dense_ppl = _read_run(dense_path).get("ppl") if dense_path.is_file() else None
+        dense_path = out / "runs" / f"{_DENSE_FILES[1] if cfg.validation else _DENSE_FILES[0]}.json"
+        evaluation = {k: getattr(cfg, k) for k in _EVAL_KEYS}
+        dense_ppl = None
+        if dense_path.is_file():
+            dense = _read_run(dense_path)
+            if all(dense.get(k, v) == v for k, v in evaluation.items()):  # (older: ppl only)
+                dense_ppl = dense.get("ppl")
         rid = run_id(run)
         path = out / "runs" / f"{rid}.json"
         if path.is_file():
             result = _read_run(path)
+            _check_cached(path, result, cfg)
             if progress:
                 print(f"[bench] {rid}: done earlier (ppl {result.get('ppl')})")
         elif not run_missing:
@@ -208,7 +234,6 @@ def bench(
         else:
             if progress:
                 print(f"[bench] {rid}: running")
-            cfg = PruneConfig(**_settings(run))
             cfg.output = None
             start = time.perf_counter()
             report = strip_private(prune(cfg, progress=progress, dense_ppl=dense_ppl))
@@ -218,7 +243,7 @@ def bench(
                 report["name"] = run["name"]
             if dense_ppl is None and report.get("ppl_dense") is not None:
                 dense_ppl = report["ppl_dense"]
-                _write_atomic(dense_path, json.dumps({"ppl": dense_ppl}) + "\n")
+                _write_atomic(dense_path, json.dumps({"ppl": dense_ppl, **evaluation}) + "\n")
             _write_atomic(path, json.dumps(report, indent=2) + "\n")
             result = report
         rows.append(result)

@@ -681,7 +681,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError("bench needs --config FILE or --methods M1,M2 (see --help)")
     rows = bench(config, args.output, progress=not args.quiet,
                  run_missing=not args.tabulate_only)
-    print(markdown_table([summary_row(r) for r in rows]), end="")
+    print(markdown_table([summary_row(r) for r in rows],
+                         named=any(r.get("name") is not None for r in rows)), end="")
     return 0
 
 

@@ -154,6 +154,11 @@ class RunConfig:
                 raise UserError(f"{flag(key)} must be one of {', '.join(choices)}, got "
                                 f"{getattr(self, key)!r}")
         structure.check_unit_options(self.unit_options())
+        if self.unit_ranking == "standardized" and self.layer_sizes == "uniform":
+            # a uniform position sums its layers' keys, and a unit of zero cost keys −inf
+            # under standardized ranking: one dead unit would pull its position in every layer
+            raise UserError("--unit-ranking standardized does not combine with --layer-sizes "
+                            "uniform; use per-parameter or cost ranking there")
         structure.target_sparsity(self.sparsity)
         if structure.name not in method.structures:
             raise UserError(

@@ -470,6 +470,15 @@ def _prepared_of(run: Run, ell: int, names: list[str]) -> dict[str, Curvature]:
 # ---- the passes of a shot -------------------------------------------------------------------
 
 
+def _takes_options(structure: Any) -> bool:
+    """Whether ``structure.shot_state`` accepts the run's unit options (a third argument)."""
+    import inspect
+
+    params = inspect.signature(structure.shot_state).parameters.values()
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3 or \
+        any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
 def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: int
                 ) -> dict[str, tuple[int, int]]:
     """One shot of a global method with one layer's work in memory at a time; returns
@@ -485,7 +494,10 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
     index = {t.name: i for i, t in enumerate(targets)}
     shapes: dict[str, torch.Size] = {}
     small: dict[str, Costs] = {}  # rows and columns, units: a few numbers per layer, in memory
-    state = structure.shot_state(model, targets, cfg.unit_options())
+    options = cfg.unit_options()
+    # a structure that takes no unit options (e.g. a plug-in's two-argument shot_state) gets none
+    state = (structure.shot_state(model, targets, options) if _takes_options(structure)
+             else structure.shot_state(model, targets))
 
     with timer("costs"):
         for ell in tqdm(range(len(store)), desc=f"shot {shot}: costs", leave=False,

@@ -31,7 +31,8 @@ def prune_summary(report: dict[str, Any], run_dir: Path) -> str:
         f"tokens of `{s.get('calib_data')}`, {len(report.get('shots', []))} shot(s)",
         f"- sparsity achieved **{report['sparsity_achieved']:.2%}** of the decoder linears",
         f"- perplexity {_fmt(report.get('ppl_dense'))} (dense) → **{_fmt(report.get('ppl'))}**"
-        f" on `{s.get('eval_data')}`",
+        + (f" on the validation split of `{s.get('calib_data')}`" if s.get("validation")
+           else f" on `{s.get('eval_data')}`"),
         f"- pruning time {_fmt(report.get('prune_time_s'), '.0f')} s, peak memory "
         f"{_fmt(report.get('peak_rss_mb'), '.0f')} MB",
     ]

@@ -120,7 +120,8 @@ def _nm_inverse_blocks(Ainv: Tensor, subsets: Tensor, m: int, width: int) -> Ten
     every subset S: shape (width // M, n_subsets, M−N, M−N), computed in fp64."""
     idx = torch.arange(width, device=Ainv.device).view(width // m, m)
     cols = idx[:, subsets.to(Ainv.device)]  # (groups, subsets, k): the columns of each S
-    B = Ainv.double()[cols[..., :, None], cols[..., None, :]]  # (groups, subsets, k, k)
+    # gather the small blocks first, then fp64 (not a full fp64 copy of Ainv)
+    B = Ainv[cols[..., :, None], cols[..., None, :]].double()  # (groups, subsets, k, k)
     eye = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device).expand(B.shape)
     return _spd_solve(B, eye.contiguous())
 
