@@ -6,9 +6,11 @@ the same in-memory prune jobs, measured one at a time in one session.
 
 Jobs (the issue's): ``prune --method surgeon --shots 5 --calib-samples 32 --seqlen 512`` on the
 bundled default model at unstructured 50%, rows-columns 20% and heads-channels 20%, no
-``--max-memory``. The old driver runs from the sources of commit ``--old`` (the last commit
-before the drivers became one), the new one from this checkout; each job runs in a fresh process
-(``python -m llm_surgeon prune``) with the same thread count, old then new, and its peak
+``--max-memory`` (heads-channels with ``--channel-multiple 1`` on the new side: the old drivers
+had no channel multiple, every MLP width was free). The old driver runs from the sources of
+commit ``--old`` (the last commit before the drivers became one), the new one from this
+checkout; each job runs in a fresh process (``python -m llm_surgeon prune``) with the same
+thread count, old then new, and its peak
 resident memory is the larger of the kernel's ``ru_maxrss`` of that process (``os.wait4``) and
 the run's own ``peak_rss_mb`` (phases reset the high-water mark; the run folds the peaks).
 Finished runs are kept in ``bench/driver/runs/`` and not rerun (``--fresh`` drops them). Writes
@@ -58,6 +60,7 @@ def run_one(src: Path, out: Path, args: list[str], threads: int) -> dict:
     report = json.loads((out / "report.json").read_text())
     return {"ppl": report["ppl"], "ppl_dense": report["ppl_dense"],
             "sparsity_achieved": report["sparsity_achieved"], "wall_s": wall,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
             "prune_time_s": report["prune_time_s"],
             # the run resets the kernel's high-water mark per phase (which ru_maxrss reads
             # too) and folds the peaks into its report: the larger of the two is the peak
@@ -79,8 +82,8 @@ def tiny_model(folder: Path) -> Path:
 
 
 def table(results: dict) -> str:
-    lines = ["| job | driver | perplexity | wall s | prune s | peak RSS MiB |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| job | driver | perplexity | wall s | CPU s | prune s | peak RSS MiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for name in results["jobs"]:
         o = results["runs"].get(f"old-{name}")
         for drv in results["drivers"]:
@@ -88,10 +91,12 @@ def table(results: dict) -> str:
             if r is None:
                 continue
             lines.append(f"| {name} | {drv} | {r['ppl']:.2f} | {r['wall_s']:.0f} | "
+                         f"{r['cpu_s']:.0f} | "
                          f"{r['prune_time_s']:.0f} | {r['peak_rss_mb']:.0f} |")
             if o and drv != "old":
                 lines.append(f"| {name} | {drv} / old | {r['ppl'] / o['ppl']:.3f} | "
                              f"{r['wall_s'] / o['wall_s']:.2f} | "
+                             f"{r['cpu_s'] / o['cpu_s']:.2f} | "
                              f"{r['prune_time_s'] / o['prune_time_s']:.2f} | "
                              f"{r['peak_rss_mb'] / o['peak_rss_mb']:.2f} |")
     return "\n".join(lines)
@@ -126,6 +131,9 @@ def main() -> None:
                   "32", "--eval-windows", "2"]
     old_src = worktree(args.old, work / f"old-{args.old}") / "src"
     new_src = ROOT / "src"
+    # the same job on both sides: the old drivers had no --channel-multiple (every width free),
+    # the new driver defaults to 32 on the bundled model's 1536-wide MLP
+    same = {"heads-channels": ["--channel-multiple", "1"]}
     drivers = [("old", old_src, []), ("new", new_src, [])]
     if args.with_hooks:
         drivers.append(("new-hooks", new_src, ["--curvature-pass", "hooks"]))
@@ -140,7 +148,8 @@ def main() -> None:
                 continue
             print(f"{drv} driver: {name}", flush=True)
             r = run_one(src, work / f"{drv}-{name}",
-                        [*common, "--structure", structure, "--sparsity", sparsity, *extra],
+                        [*common, "--structure", structure, "--sparsity", sparsity, *extra,
+                         *(same.get(structure, []) if drv != "old" else [])],
                         args.threads)
             path.write_text(json.dumps(r, indent=2) + "\n")
             results["runs"][f"{drv}-{name}"] = r
