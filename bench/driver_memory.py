@@ -159,7 +159,9 @@ def main() -> None:
           "(run.py + streaming.py), new = this checkout (driver.py over a layer store; new-hooks: "
           "with `--curvature-pass hooks`). Each run "
           f"a fresh process, {args.threads} threads, one at a time, old then new; peak RSS = "
-          "max(the process's ru_maxrss, the report's peak_rss_mb).", "", table(results), "",
+          "max(the process's ru_maxrss, the report's peak_rss_mb). Heads-channels: "
+          "`--channel-multiple 1` on the new side (the old drivers had no channel multiple: "
+          "every MLP width free).", "", table(results), "",
           "Regenerate: `.venv/bin/python bench/driver_memory.py` (`--fresh` to rerun).", ""]
     (out_dir / "results.md").write_text("\n".join(md))
     print("\n".join(md))
