@@ -93,6 +93,17 @@ def _base(command: str, tmp_path: Path, model: Path, text: Path) -> list[str]:
     raise AssertionError(command)
 
 
+def _refused(capsys, argv: list[str]) -> tuple[int, list[str], str]:
+    """Run the command line; its exit code (argparse's own refusals included: the same
+    format), the non-blank lines it wrote to stderr, and the whole stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    return code, [x for x in err.splitlines() if x.strip()], err
+
+
 @pytest.mark.parametrize(("command", "flag", "value"), CASES,
                          ids=[f"{c}{f}={v}" for c, f, v in CASES])
 def test_bad_number_is_one_line_exit_2_nothing_written(capsys, tmp_path, tiny_model_dirs,
@@ -100,12 +111,7 @@ def test_bad_number_is_one_line_exit_2_nothing_written(capsys, tmp_path, tiny_mo
                                                        command, flag, value):
     argv = ["-q", *_base(command, tmp_path, tiny_model_dirs["llama"], sample_text_file),
             f"{flag}={value}"]
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own refusals, in the same format
-        code = exc.code
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.strip()]
+    code, lines, err = _refused(capsys, argv)
     assert code == 2, (argv, err)
     assert len(lines) == 1 and lines[0].startswith("llm-surgeon: error:"), err
     assert "Traceback" not in err
@@ -128,12 +134,7 @@ LEVER_CASES = [
 def test_bad_unit_lever_is_one_line_exit_2(capsys, tmp_path, tiny_model_dirs, sample_text_file,
                                            no_model_loading, extra, says):
     argv = ["-q", *_base("prune", tmp_path, tiny_model_dirs["llama"], sample_text_file), *extra]
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.strip()]
+    code, lines, err = _refused(capsys, argv)
     assert code == 2, (argv, err)
     assert len(lines) == 1 and lines[0].startswith("llm-surgeon: error:") and says in lines[0]
     assert list(tmp_path.iterdir()) == []
@@ -153,12 +154,7 @@ def test_bad_nm_cost_is_one_line_exit_2_nothing_written(capsys, tmp_path, tiny_m
 
     argv = ["-q", *_base("prune", tmp_path, tiny_model_dirs["llama"], sample_text_file),
             *extra]
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.strip()]
+    code, lines, err = _refused(capsys, argv)
     assert code == 2 and len(lines) == 1 and "--nm-cost" in lines[0], err
     assert lines[0].startswith("llm-surgeon: error:") and list(tmp_path.iterdir()) == []
     for value in ("bogus", 3, None):
