@@ -809,14 +809,13 @@ def standardized_unit_keys(costs: Tensor, size: int) -> Tensor:
     (and stays removed: the surgeon's update would move an unselected zero column). This is
     how Numerical pruning and FLAP put heads and channels on one scale
     (:func:`llm_surgeon.methods.numerical.standardize_scores`)."""
+    from llm_surgeon.methods.numerical import standardize_scores
+
     c = costs.reshape(-1).double().cpu()
     out = torch.full_like(c, float("-inf"))
     live = c != 0
     if bool(live.any()):
-        k = c[live] / size
-        centred = k - k.mean()
-        std = centred.square().mean().sqrt()
-        out[live] = centred / std if float(std) > 0 else torch.zeros_like(k)
+        out[live] = standardize_scores(c[live] / size)
     return out
 
 
