@@ -202,10 +202,8 @@ def bench(
 ) -> list[dict[str, Any]]:
     """Run (or, with ``run_missing=False``, only tabulate) the matrix; returns finished runs."""
     out = Path(output)
+    # every run is validated there, before minutes go into the first and before any write
     runs = expand_runs(config)
-    # validate every run before spending minutes on the first, and before writing anything
-    for run in runs:
-        PruneConfig(**_settings(run)).validate()
     from llm_surgeon.io import check_bench_folder, ensure_output_folder
 
     check_bench_folder(out)  # new, empty, or a bench folder we wrote: never a user's folder
