@@ -158,8 +158,10 @@ def test_hooks_and_sweep_curvature_prune_alike(tiny_model_dirs, sample_text_file
     watch = LiveFactors()
     hooks = prune(_cfg(tiny_model_dirs["opt"], sample_text_file, curvature_pass="hooks", **kw),
                   progress=False, on_event=watch)
-    sweep = prune(_cfg(tiny_model_dirs["opt"], sample_text_file, **kw), progress=False)
+    sweep = prune(_cfg(tiny_model_dirs["opt"], sample_text_file, curvature_pass="sweep", **kw),
+                  progress=False)
     assert watch.layers_seen == {0, 1}
+    assert watch.max_layers == 1  # the sums of every layer, but their means one layer at a time
     a = {t.name: t.module.weight for t in decoder_linears(hooks["_model"])}
     b = {t.name: t.module.weight for t in decoder_linears(sweep["_model"])}
     assert a.keys() == b.keys()

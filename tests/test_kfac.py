@@ -20,9 +20,12 @@ import torch.nn.functional as F
 
 from llm_surgeon.curvature import kfac
 from llm_surgeon.curvature.kfac import (
+    PackedGram,
     add_gram_,
     collect_activations,
     collect_kfac,
+    kfac_sums,
+    packed_gram_bytes,
     symmetric_from_upper,
 )
 from llm_surgeon.models.layouts import (
@@ -146,6 +149,49 @@ def test_symmetric_gram_sums_equal_xtx(panel):
     assert _rel(full, ref) < 1e-12
     if panel < 10:  # the products below the diagonal panels were skipped, not computed
         assert float(acc[panel:, :panel].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("d,panel", [(10, 1), (10, 3), (10, 4), (10, 64), (1, 5), (37, 8)])
+def test_packed_gram_equals_xtx_in_half_the_memory(d, panel):
+    """The packed upper block triangle, summed over several batches and mirrored, is Σ xᵀx
+    (brute force) and exactly symmetric; it holds Σ_i |P_i|(d − i) numbers (about half of d²
+    for narrow panels), which :func:`packed_gram_bytes` predicts without allocating."""
+    g = torch.Generator().manual_seed(d * 100 + panel)
+    xs = [torch.randn(n, d, generator=g, dtype=F64) for n in (7, 1, 13)]
+    acc = PackedGram(d, F64, panel=panel)
+    for x in xs:
+        assert acc.add_(x) is acc
+    ref = sum(x.T @ x for x in xs)
+    full = acc.full()
+    assert torch.equal(full, full.T)
+    assert _rel(full, ref) < 1e-12
+    n = sum(min(panel, d - i) * (d - i) for i in range(0, d, panel))
+    assert acc.nbytes == 8 * n == packed_gram_bytes(d, 8, panel)
+    if panel == 1:  # one row per panel: exactly the upper triangle with its diagonal
+        assert n == d * (d + 1) // 2
+
+
+def test_releasing_factors_frees_each_layers_sums():
+    """factors(layer, release=True) turns one layer's sums into means and drops them: a shared
+    input's sums (q/k/v) only once every target reading it is turned; the means equal those of
+    an unreleased collector."""
+    model = _model("llama")
+    targets = decoder_linears(model)
+    col = kfac_sums(model, targets, _windows(), dtype=F64, progress=False)
+    whole = col.factors()
+    first = [t for t in targets if t.layer_index == 0]
+    q = next(t for t in first if t.role == ATTN_Q)
+    k = next(t for t in first if t.role == ATTN_K)
+    shared = col.inputs[col.input_of[q.name]]
+    assert col.input_of[k.name] == col.input_of[q.name]  # q and k read one input
+    part = col.factors([q], release=True)
+    assert q.name not in col.gsum and shared.xtx.nbytes > 0  # k still needs the input's sums
+    rest = col.factors([t for t in first if t is not q], release=True)
+    assert shared.xtx.nbytes == 0
+    assert not [t for t in first if t.name in col.gsum]
+    assert all(t.name in col.gsum for t in targets if t.layer_index == 1)
+    for name, f in {**part, **rest}.items():
+        assert torch.equal(f.A, whole[name].A) and torch.equal(f.G, whole[name].G), name
 
 
 @pytest.mark.parametrize("family", ["llama", "phi"])

@@ -90,6 +90,25 @@ def test_damp_and_spd_inverse():
     _close(f.Ginv @ f.G, torch.eye(6, dtype=F64))
 
 
+@pytest.mark.parametrize("d", [6, 200])
+def test_spd_inverse_is_exactly_symmetric_and_inverts_the_symmetric_part(d):
+    """The inverse comes back exactly symmetric; a slightly asymmetric M is inverted as its
+    symmetric part (M + Mᵀ)/2, an exactly symmetric one as itself."""
+    g = torch.Generator().manual_seed(d)
+    X = torch.randn(3 * d, d, generator=g, dtype=F64)
+    M = X.T @ X / (3 * d)
+    M = 0.5 * (M + M.T)
+    inv = S.spd_inverse(M)
+    assert torch.equal(inv, inv.T)
+    _close(inv, torch.linalg.inv(M))
+    skew = torch.randn(d, d, generator=g, dtype=F64) * 1e-3
+    N = M + (skew - skew.T)
+    assert not torch.equal(N, N.T)
+    inv_n = S.spd_inverse(N)
+    assert torch.equal(inv_n, inv_n.T)
+    _close(inv_n, torch.linalg.inv(0.5 * (N + N.T)))
+
+
 def test_spd_inverse_errors_and_jitter():
     bad = torch.eye(4, dtype=F64)
     bad[1, 2] = float("nan")

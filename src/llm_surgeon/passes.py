@@ -48,7 +48,7 @@ from llm_surgeon import distributed
 from llm_surgeon.config import PruneConfig
 from llm_surgeon.curvature.kfac import (
     FactorCollector,
-    collect_kfac,
+    kfac_sums,
     nearest_kronecker,
     nearest_kronecker_layer,
     next_token_loss,
@@ -365,23 +365,26 @@ def kfac_sweep(run: Run, windows: torch.Tensor, seed: int, desc: str,
 
 def kfac_hooks(run: Run, windows: torch.Tensor, seed: int, desc: str) -> None:
     """The other strategy, for a model wholly in memory (``--curvature-pass hooks``): hooks
-    over one ordinary forward and backward of the whole model per batch (no recomputed
-    forward, but every layer's running sums at once), then the same per-layer factor files as
-    :func:`kfac_sweep`. Nearest-Kronecker iterations: whole-model passes
-    (:func:`~llm_surgeon.curvature.kfac.nearest_kronecker`)."""
+    over one ordinary forward and
+    backward of the whole model per batch (no recomputed forward, but every layer's running
+    sums at once, packed), then the same per-layer factor files as
+    :func:`kfac_sweep`, turned one layer at a time (each layer's sums released as it is
+    written). Nearest-Kronecker iterations: whole-model passes
+    (:func:`~llm_surgeon.curvature.kfac.nearest_kronecker`), every layer's factors at once."""
     cfg = run.cfg
-    factors = collect_kfac(run.model, run.targets, windows, fisher=cfg.fisher,
-                           batch_size=cfg.batch_size, seed=seed, progress=run.progress,
-                           desc=desc)
+    col = kfac_sums(run.model, run.targets, windows, fisher=cfg.fisher,
+                    batch_size=cfg.batch_size, seed=seed, progress=run.progress, desc=desc)
+    factors = None
     if cfg.nearest_kronecker > 0:
-        factors = nearest_kronecker(run.model, run.targets, windows, factors,
+        factors = nearest_kronecker(run.model, run.targets, windows, col.factors(release=True),
                                     cfg.nearest_kronecker, fisher=cfg.fisher, seed=seed,
                                     progress=run.progress)
     work = WorkFiles(run.work / "shot", run.device)
     for ell, mine in sorted(_by_layer(run.targets).items()):
-        layer = {t.name: (factors[t.name].A, factors[t.name].G) for t in mine}
-        for t in mine:
-            del factors[t.name]
+        turned = (col.factors(mine, release=True) if factors is None
+                  else {t.name: factors.pop(t.name) for t in mine})
+        layer = {k: (f.A, f.G) for k, f in turned.items()}
+        del turned
         run.emit("factors", layer=ell, tensors=[m for f in layer.values() for m in f])
         check_finite({k: Curvature(A=a, G=g) for k, (a, g) in layer.items()})
         work.put(f"curv{ell}", layer)

@@ -63,41 +63,99 @@ def symmetric_from_upper(acc: torch.Tensor) -> torch.Tensor:
     return torch.triu(acc) + torch.triu(acc, 1).T
 
 
+class PackedGram:
+    """A running Σ xᵀx (d × d, symmetric) kept as its upper block triangle only, in about half
+    the memory of the square.
+
+    With the columns cut into panels P_i = [i, i + panel), panel i keeps the rectangle
+
+        R_i = Σ x[:, P_i]ᵀ x[:, i:]        (|P_i| × (d − i)),
+
+    the rows P_i of the sum from the diagonal block rightwards: Σ_i |P_i|(d − i) ≈ d²/2 +
+    panel·d/2 numbers instead of d², and the same products as :func:`add_gram_` (a symmetric
+    rank-k update, as BLAS syrk). :meth:`full` mirrors them into the symmetric d × d sum, with
+    each diagonal block's upper triangle mirrored too (so the result is exactly symmetric).
+    ``panel``: :data:`GRAM_PANEL` unless given."""
+
+    def __init__(self, d: int, dtype: torch.dtype, device: Any = "cpu",
+                 panel: int | None = None) -> None:
+        self.d = d
+        self.panel = panel or GRAM_PANEL
+        self.rects = [torch.zeros(min(self.panel, d - i), d - i, dtype=dtype, device=device)
+                      for i in range(0, d, self.panel)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.numel() * r.element_size() for r in self.rects)
+
+    def add_(self, x: torch.Tensor) -> PackedGram:
+        """Add xᵀx of ``x`` (n × d) in place; returns self."""
+        for k, rect in enumerate(self.rects):
+            i = k * self.panel
+            rect.addmm_(x[:, i:i + self.panel].T, x[:, i:])
+        return self
+
+    def full(self) -> torch.Tensor:
+        """The symmetric d × d sum."""
+        r0 = self.rects[0]
+        out = r0.new_empty(self.d, self.d)
+        for k, rect in enumerate(self.rects):
+            i = k * self.panel
+            p = rect.shape[0]
+            block = rect[:, :p]
+            out[i:i + p, i:i + p] = torch.triu(block) + torch.triu(block, 1).T
+            out[i:i + p, i + p:] = rect[:, p:]
+            out[i + p:, i:i + p] = rect[:, p:].T
+        return out
+
+    def all_reduce_(self) -> None:
+        """Under torchrun: sum over ranks, in place (the same order on every rank)."""
+        for rect in self.rects:
+            distributed.all_reduce_sum_(rect)
+
+
+def packed_gram_bytes(d: int, itemsize: int = 4, panel: int | None = None) -> int:
+    """Bytes of a :class:`PackedGram` of width ``d`` (without allocating it)."""
+    panel = panel or GRAM_PANEL
+    return itemsize * sum(min(panel, d - i) * (d - i) for i in range(0, d, panel))
+
+
 @dataclass
 class _InputStats:
-    """Running sums of a shared layer input: Σ a aᵀ (its upper block triangle, see
-    :func:`add_gram_`), Σ a and the token count."""
+    """Running sums of a shared layer input: Σ a aᵀ (packed upper block triangle,
+    :class:`PackedGram`), Σ a and the token count."""
 
-    xtx: torch.Tensor
+    xtx: PackedGram
     xsum: torch.Tensor
     count: int = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.xtx.dtype)
-        add_gram_(self.xtx, x)
+        x = x.reshape(-1, x.shape[-1]).to(self.xsum.dtype)
+        self.xtx.add_(x)
         self.xsum.add_(x.sum(0))
         self.count += x.shape[0]
 
     def second_moment(self, with_bias: bool) -> torch.Tensor:
         """A = E[ā āᵀ], with ā = [a; 1] when ``with_bias``."""
         n = max(self.count, 1)
-        xtx = symmetric_from_upper(self.xtx)
+        xtx = self.xtx.full()
         if not with_bias:
             return xtx.div_(n)
         d = xtx.shape[0]
         out = xtx.new_empty(d + 1, d + 1)
         out[:d, :d] = xtx
+        del xtx
         out[:d, d] = self.xsum
         out[d, :d] = self.xsum
         out[d, d] = self.count
-        return out / n
+        return out.div_(n)
 
 
 @dataclass
 class FactorCollector:
     """Running sums of A (forward hooks on the targets' inputs) and G (tensor hooks on their
-    outputs' gradients), upper block triangles only (:func:`add_gram_`); :meth:`factors` turns
-    them into symmetric means."""
+    outputs' gradients), packed upper block triangles (:class:`PackedGram`); :meth:`factors`
+    turns them into symmetric means (and may release the sums it has turned)."""
 
     targets: list[TargetLinear]
     dtype: torch.dtype
@@ -105,11 +163,12 @@ class FactorCollector:
     want_G: bool = True
     inputs: list[_InputStats] = field(default_factory=list)
     input_of: dict[str, int] = field(default_factory=dict)
-    gsum: dict[str, torch.Tensor] = field(default_factory=dict)
+    gsum: dict[str, PackedGram] = field(default_factory=dict)
     gcount: dict[str, int] = field(default_factory=dict)
     # Inputs seen in the current batch, kept alive so that no other tensor can reuse the address.
     _seen: dict[tuple[int, tuple[int, ...]], tuple[int, torch.Tensor]] = field(default_factory=dict)
     _handles: list[Any] = field(default_factory=list)
+    _turned: set[str] = field(default_factory=set)  # targets whose sums were released
 
     def new_batch(self) -> None:
         self._seen.clear()
@@ -127,7 +186,7 @@ class FactorCollector:
                         d = x.shape[-1]
                         self.inputs.append(
                             _InputStats(
-                                torch.zeros(d, d, dtype=self.dtype, device=x.device),
+                                PackedGram(d, self.dtype, x.device),
                                 torch.zeros(d, dtype=self.dtype, device=x.device),
                             )
                         )
@@ -145,11 +204,9 @@ class FactorCollector:
             g = grad.detach().reshape(-1, grad.shape[-1]).to(self.dtype)
             acc = self.gsum.get(target.name)
             if acc is None:
-                acc = self.gsum[target.name] = torch.zeros(
-                    g.shape[1], g.shape[1], dtype=self.dtype, device=g.device
-                )
+                acc = self.gsum[target.name] = PackedGram(g.shape[1], self.dtype, g.device)
                 self.gcount[target.name] = 0
-            add_gram_(acc, g)  # upper block triangle of Σ g gᵀ
+            acc.add_(g)  # upper block triangle of Σ g gᵀ
             self.gcount[target.name] += g.shape[0]
 
         return hook
@@ -159,25 +216,37 @@ class FactorCollector:
         if not distributed.active():
             return
         for stats in self.inputs:
-            distributed.all_reduce_sum_(stats.xtx)
+            stats.xtx.all_reduce_()
             distributed.all_reduce_sum_(stats.xsum)
             stats.count = distributed.all_reduce_int(stats.count)
         for t in self.targets:
             if t.name in self.gsum:
-                distributed.all_reduce_sum_(self.gsum[t.name])
+                self.gsum[t.name].all_reduce_()
                 self.gcount[t.name] = distributed.all_reduce_int(self.gcount[t.name])
 
-    def factors(self) -> dict[str, Curvature]:
-        """The means A and G of every target from the running sums."""
+    def factors(self, targets: list[TargetLinear] | None = None, release: bool = False
+                ) -> dict[str, Curvature]:
+        """The means A and G of ``targets`` (default: every target) from the running sums.
+        ``release``: drop the sums once turned (an input's when none of the collector's
+        targets that read it is left), so that turning one layer at a time holds every
+        layer's sums plus one layer's factors, never every layer's factors."""
         out: dict[str, Curvature] = {}
-        for t in self.targets:
-            stats = self.inputs[self.input_of[t.name]]
+        for t in self.targets if targets is None else targets:
+            idx = self.input_of[t.name]
+            stats = self.inputs[idx]
             A = stats.second_moment(with_bias=t.has_bias)
-            if t.name in self.gsum:
-                G = symmetric_from_upper(self.gsum[t.name]).div_(max(self.gcount[t.name], 1))
+            gsum = self.gsum.pop(t.name, None) if release else self.gsum.get(t.name)
+            if gsum is not None:
+                G = gsum.full().div_(max(self.gcount[t.name], 1))
             else:  # the output never received a gradient (unused layer): no information
                 G = torch.zeros(t.module.out_features, t.module.out_features, dtype=self.dtype)
+            del gsum
             out[t.name] = Curvature(A=A, G=G, count=stats.count)
+            if release:
+                self._turned.add(t.name)
+                readers = [n for n, i in self.input_of.items() if i == idx]
+                if all(n in self._turned for n in readers):
+                    stats.xtx = PackedGram(0, self.dtype)  # the sums are no longer needed
         return out
 
     def attach(self) -> None:
@@ -266,7 +335,7 @@ def _eval_mode(model: nn.Module, activation_grads: bool = False) -> Iterator[Non
         model.train(was_training)
 
 
-def collect_kfac(
+def kfac_sums(
     model: nn.Module,
     targets: list[TargetLinear],
     windows: torch.Tensor,
@@ -276,8 +345,10 @@ def collect_kfac(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     desc: str = "curvature G⊗A",
-) -> dict[str, Curvature]:
-    """Accumulate A and G for every target over all calibration windows (forward + backward)."""
+) -> FactorCollector:
+    """The running sums of A and G of every target over all calibration windows (one forward
+    and backward of the whole model per batch; all-reduced under torchrun): a detached
+    collector, whose :meth:`FactorCollector.factors` turns them into means."""
     if fisher not in FISHER_KINDS:
         raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
     col = FactorCollector(targets, dtype)
@@ -298,7 +369,23 @@ def collect_kfac(
     finally:
         col.detach()
     col.all_reduce()
-    return col.factors()
+    return col
+
+
+def collect_kfac(
+    model: nn.Module,
+    targets: list[TargetLinear],
+    windows: torch.Tensor,
+    fisher: str = "empirical",
+    batch_size: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    desc: str = "curvature G⊗A",
+) -> dict[str, Curvature]:
+    """Accumulate A and G for every target over all calibration windows (forward + backward)."""
+    return kfac_sums(model, targets, windows, fisher, batch_size, seed, dtype, progress,
+                     desc).factors()
 
 
 @torch.no_grad()

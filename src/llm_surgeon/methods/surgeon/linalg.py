@@ -100,7 +100,8 @@ def spd_inverse(M: Tensor, rel_damp: float = 0.0, *, name: str = "layer",
     if not bool(torch.isfinite(M).all()):
         raise ValueError(f"{name}: curvature matrix has non-finite values (NaN or inf)")
     M64 = M.to(torch.float64)
-    M64 = 0.5 * (M64 + M64.T)
+    if not torch.equal(M64, M64.T):  # (an exactly symmetric M is its own symmetrisation)
+        M64 = 0.5 * (M64 + M64.T)
     scale = float(torch.diagonal(M64).mean())
     if not scale > 0:
         raise ValueError(f"{name}: curvature matrix has non-positive mean diagonal ({scale:g}); "
@@ -114,7 +115,9 @@ def spd_inverse(M: Tensor, rel_damp: float = 0.0, *, name: str = "layer",
                 warnings.warn(f"{name}: curvature not positive definite; added jitter "
                               f"{jitter / scale:.1e}·mean(diag)", RuntimeWarning, stacklevel=2)
             inv = torch.cholesky_inverse(L)
-            return (0.5 * (inv + inv.T)).to(M.dtype)
+            if not torch.equal(inv, inv.T):  # LAPACK's potri mirrors one triangle: exact
+                inv = 0.5 * (inv + inv.T)
+            return inv.to(M.dtype)
         jitter = max(jitter * 10.0, 1e-10 * scale) if jitter else 1e-10 * scale
     raise ValueError(f"{name}: curvature matrix is not positive definite even with jitter "
                      f"{jitter / scale:.1e}·mean(diag)")
