@@ -65,7 +65,8 @@ def run_one(src: Path, out: Path, args: list[str], threads: int) -> dict:
             # the run resets the kernel's high-water mark per phase (which ru_maxrss reads
             # too) and folds the peaks into its report: the larger of the two is the peak
             "peak_rss_mb": max(usage.ru_maxrss / 1024, report["peak_rss_mb"]),
-            "report_peak_rss_mb": report["peak_rss_mb"], "threads": threads}
+            "report_peak_rss_mb": report["peak_rss_mb"], "threads": threads,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def tiny_model(folder: Path) -> Path:
@@ -82,8 +83,8 @@ def tiny_model(folder: Path) -> Path:
 
 
 def table(results: dict) -> str:
-    lines = ["| job | driver | perplexity | wall s | CPU s | prune s | peak RSS MiB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| job | driver | perplexity | wall s | CPU s | prune s | peak RSS MiB | measured |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for name in results["jobs"]:
         o = results["runs"].get(f"old-{name}")
         for drv in results["drivers"]:
@@ -92,13 +93,14 @@ def table(results: dict) -> str:
                 continue
             lines.append(f"| {name} | {drv} | {r['ppl']:.2f} | {r['wall_s']:.0f} | "
                          f"{r['cpu_s']:.0f} | "
-                         f"{r['prune_time_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+                         f"{r['prune_time_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                         f"{r.get('measured_at', 'an earlier session')} |")
             if o and drv != "old":
                 lines.append(f"| {name} | {drv} / old | {r['ppl'] / o['ppl']:.3f} | "
                              f"{r['wall_s'] / o['wall_s']:.2f} | "
                              f"{r['cpu_s'] / o['cpu_s']:.2f} | "
                              f"{r['prune_time_s'] / o['prune_time_s']:.2f} | "
-                             f"{r['peak_rss_mb'] / o['peak_rss_mb']:.2f} |")
+                             f"{r['peak_rss_mb'] / o['peak_rss_mb']:.2f} | |")
     return "\n".join(lines)
 
 
