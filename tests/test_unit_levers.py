@@ -120,6 +120,40 @@ def test_consumer_coupling_updates_only_the_consumer(family, tmp_path):
     assert moved_rows["layers"] and not moved_rows["consumer"]
 
 
+@pytest.mark.parametrize("family,method,curvature_pass", [("llama", "surgeon", "sweep"),
+                                                          ("opt", "surgeon", "hooks"),
+                                                          ("llama", "l-obd", "sweep")])
+def test_consumer_coupling_collects_the_consumers_curvature_alone(
+        tiny_model_dirs, sample_text_file, monkeypatch, family, method, curvature_pass):
+    """With consumer coupling only o's and down's factors are collected, inverted and read (the
+    producers are neither costed nor updated), and the pruned weights are exactly those of a
+    run that also collects and inverts the producers' curvature (either K-FAC strategy;
+    K-FAC and activations-only methods)."""
+    seen: dict[str, set[int]] = {}
+
+    def watch(name, **info):
+        if name == "factors":
+            seen.setdefault("counts", set()).add(len(info["tensors"]))
+
+    kw = dict(method=method, unit_coupling="consumer", curvature_pass=curvature_pass)
+    lean = prune(_cfg(tiny_model_dirs[family], sample_text_file, **kw), progress=False,
+                 on_event=watch)
+    # factors read per layer: the surgeon's (A, G) and, for its updates, (A, G, Ainv, Ginv);
+    # L-OBD's A alone: o's and down's of each layer, nothing else
+    most = 2 * (4 if method == "surgeon" else 1)
+    assert max(seen["counts"]) <= most
+    monkeypatch.setattr(HeadsChannels, "needs_curvature", lambda self, t, state: True)
+    seen.clear()
+    full = prune(_cfg(tiny_model_dirs[family], sample_text_file, **kw), progress=False,
+                 on_event=watch)
+    assert max(seen["counts"]) > most
+    a = {t.name: t.module.weight for t in decoder_linears(lean["_model"])}
+    b = {t.name: t.module.weight for t in decoder_linears(full["_model"])}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def _cfg(model_dir, text, **kw) -> PruneConfig:
     base = dict(model=str(model_dir), calib_data=str(text), eval_data=str(text),
                 calib_samples=4, seqlen=32, eval_windows=3, shots=2,

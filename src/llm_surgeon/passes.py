@@ -301,13 +301,14 @@ def head_only(store: Layers, tuple_out: bool) -> Iterator[_Passthrough]:
 
 
 def kfac_sweep(run: Run, windows: torch.Tensor, seed: int, desc: str,
-               collect: bool = True) -> None:
-    """K-FAC factors of every target, written per layer to the work folder (``curv{ℓ}``): a
-    forward sweep keeping the boundaries, the head's gradient, then a backward sweep that
-    recomputes each layer from its stored input and carries the gradient down; hooks on the
-    layer's linears sum A and G, all-reduced under torchrun. With ``--nearest-kronecker`` the
-    power iterations run on the same layer while its inputs and output gradients are at hand.
-    ``collect=False``: the same sweeps without statistics (the plain pass's yardstick)."""
+               collect: bool = True, targets: list[TargetLinear] | None = None) -> None:
+    """K-FAC factors of every target (of ``targets`` when given), written per layer to the
+    work folder (``curv{ℓ}``): a forward sweep keeping the boundaries, the head's gradient,
+    then a backward sweep that recomputes each layer from its stored input and carries the
+    gradient down; hooks on the layer's linears sum A and G, all-reduced under torchrun. With
+    ``--nearest-kronecker`` the power iterations run on the same layer while its inputs and
+    output gradients are at hand. ``collect=False``: the same sweeps without statistics (the
+    plain pass's yardstick)."""
     cfg, store = run.cfg, run.store
     batches = run.batches(windows)
     L = len(store)
@@ -328,7 +329,7 @@ def kfac_sweep(run: Run, windows: torch.Tensor, seed: int, desc: str,
             states.drop("h", L, b)
         inject.value = None
     n_windows = int(windows.shape[0])
-    by_layer = _by_layer(run.targets)
+    by_layer = _by_layer(run.targets if targets is None else targets)
     for ell in tqdm(reversed(range(L)), total=L, desc=f"{desc}: backward", leave=False,
                     disable=not run.progress):
         col = FactorCollector(by_layer.get(ell, []) if collect else [], torch.float32)
@@ -363,7 +364,8 @@ def kfac_sweep(run: Run, windows: torch.Tensor, seed: int, desc: str,
             states.drop("h", ell, b)
 
 
-def kfac_hooks(run: Run, windows: torch.Tensor, seed: int, desc: str) -> None:
+def kfac_hooks(run: Run, windows: torch.Tensor, seed: int, desc: str,
+               targets: list[TargetLinear] | None = None) -> None:
     """The other strategy, for a model wholly in memory (``--curvature-pass hooks``): hooks
     over one ordinary forward and
     backward of the whole model per batch (no recomputed forward, but every layer's running
@@ -372,15 +374,16 @@ def kfac_hooks(run: Run, windows: torch.Tensor, seed: int, desc: str) -> None:
     written). Nearest-Kronecker iterations: whole-model passes
     (:func:`~llm_surgeon.curvature.kfac.nearest_kronecker`), every layer's factors at once."""
     cfg = run.cfg
-    col = kfac_sums(run.model, run.targets, windows, fisher=cfg.fisher,
+    targets = run.targets if targets is None else targets
+    col = kfac_sums(run.model, targets, windows, fisher=cfg.fisher,
                     batch_size=cfg.batch_size, seed=seed, progress=run.progress, desc=desc)
     factors = None
     if cfg.nearest_kronecker > 0:
-        factors = nearest_kronecker(run.model, run.targets, windows, col.factors(release=True),
+        factors = nearest_kronecker(run.model, targets, windows, col.factors(release=True),
                                     cfg.nearest_kronecker, fisher=cfg.fisher, seed=seed,
                                     progress=run.progress)
     work = WorkFiles(run.work / "shot", run.device)
-    for ell, mine in sorted(_by_layer(run.targets).items()):
+    for ell, mine in sorted(_by_layer(targets).items()):
         turned = (col.factors(mine, release=True) if factors is None
                   else {t.name: factors.pop(t.name) for t in mine})
         layer = {k: (f.A, f.G) for k, f in turned.items()}
@@ -431,19 +434,22 @@ def activation_sweep(run: Run, targets: list[TargetLinear], windows: torch.Tenso
         states.drop("h", len(run.store), b)
 
 
-def kfac_pass(run: Run, windows: torch.Tensor, shot: int) -> None:
-    """K-FAC factors of every target for shot ``shot``, by ``--curvature-pass``."""
+def kfac_pass(run: Run, windows: torch.Tensor, shot: int, targets: list[TargetLinear]
+              ) -> None:
+    """K-FAC factors of ``targets`` for shot ``shot``, by ``--curvature-pass``."""
     collect = kfac_hooks if run.cfg.curvature_pass == "hooks" else kfac_sweep
-    collect(run, windows, run.cfg.seed + shot, f"shot {shot}: curvature G⊗A")
+    collect(run, windows, run.cfg.seed + shot, f"shot {shot}: curvature G⊗A", targets=targets)
 
 
-def activations_pass(run: Run, windows: torch.Tensor, shot: int) -> None:
-    """A = E[ā āᵀ] of every target for shot ``shot`` (one forward sweep)."""
-    activation_sweep(run, run.targets, windows, f"shot {shot}: activations A")
+def activations_pass(run: Run, windows: torch.Tensor, shot: int, targets: list[TargetLinear]
+                     ) -> None:
+    """A = E[ā āᵀ] of ``targets`` for shot ``shot`` (one forward sweep)."""
+    activation_sweep(run, targets, windows, f"shot {shot}: activations A")
 
 
-# a global method's ``curvature`` -> the pass that writes its per-layer factors (None: none)
-CURVATURE_PASSES: dict[str, Callable[[Run, torch.Tensor, int], None] | None] = {
+# a global method's ``curvature`` -> the pass that writes the per-layer factors of the targets it
+# is given (None: none)
+CURVATURE_PASSES: dict[str, Callable[[Run, torch.Tensor, int, list[TargetLinear]], None] | None] = {
     "none": None,
     "activations": activations_pass,
     "kfac": kfac_pass,
@@ -489,30 +495,34 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
     model, store, targets, method, structure, cfg, timer = (
         run.model, run.store, run.targets, run.method, run.structure, run.cfg, run.timer)
     work = WorkFiles(run.work / "shot", run.device)
-    collect = CURVATURE_PASSES[method.curvature]
-    with timer("curvature"):
-        if collect is not None:
-            collect(run, windows, shot)
-    by_layer = _by_layer(targets)
-    index = {t.name: i for i, t in enumerate(targets)}
-    shapes: dict[str, torch.Size] = {}
-    small: dict[str, Costs] = {}  # rows and columns, units: a few numbers per layer, in memory
     options = cfg.unit_options()
     # a structure that takes no unit options (e.g. a plug-in's two-argument shot_state) gets none
     state = (structure.shot_state(model, targets, options) if _takes_options(structure)
              else structure.shot_state(model, targets))
+    # the targets whose curvature the structure reads (all but e.g. the producers of a unit
+    # costed by its consumer alone): the others get no statistics, no inverses, no update
+    needs = {t.name for t in targets if structure.needs_curvature(t, state)}
+    collect = CURVATURE_PASSES[method.curvature]
+    with timer("curvature"):
+        if collect is not None:
+            collect(run, windows, shot, [t for t in targets if t.name in needs])
+    by_layer = _by_layer(targets)
+    index = {t.name: i for i, t in enumerate(targets)}
+    shapes: dict[str, torch.Size] = {}
+    small: dict[str, Costs] = {}  # rows and columns, units: a few numbers per layer, in memory
 
     with timer("costs"):
         for ell in tqdm(range(len(store)), desc=f"shot {shot}: costs", leave=False,
                         disable=not run.progress):
             mine = by_layer.get(ell, [])
-            curv = _curvature_of(run, ell, [t.name for t in mine])
+            curv = {t.name: Curvature() for t in mine}
+            curv.update(_curvature_of(run, ell, [t.name for t in mine if t.name in needs]))
             prepared: dict[str, tuple] = {}
             with store.resident(ell):
                 for t in mine:
                     W = augmented_weight(t)
                     shapes[t.name] = W.shape
-                    if method.prepares:
+                    if method.prepares and t.name in needs:
                         # damped factors and their inverses, once: kept for the updates
                         c = curv[t.name] = prepare_curvature(method, curv[t.name], t)
                         prepared[t.name] = (c.A, c.G, c.Ainv, c.Ginv, c.flat)
@@ -542,13 +552,14 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
                         disable=not run.progress):
             run.emit("update", shot=shot, layer=ell, layers=len(store))
             mine = by_layer.get(ell, [])
-            names = [t.name for t in mine]
+            names = [t.name for t in mine if t.name in needs]
             curv = (_prepared_of(run, ell, names) if method.prepares
                     else _curvature_of(run, ell, names))
             with store.resident(ell, dirty=True):
                 for t in mine:
                     W = augmented_weight(t)
                     removal = removal_of(t)
+                    assert t.name in needs or not removal.update, t.name
                     write_augmented(t, method.apply(W, curv[t.name], removal) if removal.update
                                     else zero_removed(W, removal))
                     curv[t.name] = Curvature()

@@ -130,6 +130,11 @@ class Structure:
         the run's ``options`` for them)."""
         return None
 
+    def needs_curvature(self, t: TargetLinear, state: Any) -> bool:
+        """Whether this shot's costs and update of ``t`` read its curvature (every target by
+        default); the others get no statistics and no inverses, and must never be updated."""
+        return True
+
     def costs(self, method: GlobalMethod, W: torch.Tensor, curv: Curvature, t: TargetLinear,
               state: Any) -> Costs:
         """The costs of ``t``'s candidates under ``method`` (element costs by default)."""
@@ -300,6 +305,11 @@ class HeadsChannels(Structure):
         groups = unit_groups(model, targets)
         return UnitShot(groups, {p.target.name: (g, p) for g in groups for p in g.parts},
                         options)
+
+    def needs_curvature(self, t: TargetLinear, state: UnitShot) -> bool:
+        """With ``--unit-coupling consumer`` the producers (q/k/v, gate/up) are neither
+        costed nor updated: only the consumers' (o, down) curvature is collected."""
+        return state.counts(state.parts[t.name][1])
 
     def costs(self, method: GlobalMethod, W: torch.Tensor, curv: Curvature, t: TargetLinear,
               state: UnitShot) -> Costs:

@@ -372,20 +372,12 @@ def kfac_sums(
     return col
 
 
-def collect_kfac(
-    model: nn.Module,
-    targets: list[TargetLinear],
-    windows: torch.Tensor,
-    fisher: str = "empirical",
-    batch_size: int = 1,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-    desc: str = "curvature G⊗A",
-) -> dict[str, Curvature]:
-    """Accumulate A and G for every target over all calibration windows (forward + backward)."""
-    return kfac_sums(model, targets, windows, fisher, batch_size, seed, dtype, progress,
-                     desc).factors()
+def collect_kfac(model: nn.Module, targets: list[TargetLinear], windows: torch.Tensor,
+                 **options: Any) -> dict[str, Curvature]:
+    """Accumulate A and G for every target over all calibration windows (forward + backward):
+    the means of :func:`kfac_sums` (same ``options``: fisher, batch_size, seed, dtype,
+    progress, desc)."""
+    return kfac_sums(model, targets, windows, **options).factors()
 
 
 @torch.no_grad()
