@@ -114,12 +114,6 @@ class PackedGram:
             distributed.all_reduce_sum_(rect)
 
 
-def packed_gram_bytes(d: int, itemsize: int = 4, panel: int | None = None) -> int:
-    """Bytes of a :class:`PackedGram` of width ``d`` (without allocating it)."""
-    panel = panel or GRAM_PANEL
-    return itemsize * sum(min(panel, d - i) * (d - i) for i in range(0, d, panel))
-
-
 @dataclass
 class _InputStats:
     """Running sums of a shared layer input: Σ a aᵀ (packed upper block triangle,
