@@ -152,12 +152,13 @@ def check_finite(curv: dict[str, Curvature]) -> None:
                 )
 
 
-def prepare_curvature(method: Any, curv: Curvature, t: TargetLinear) -> Curvature:
+def prepare_curvature(method: Any, curv: Curvature, t: TargetLinear,
+                      inverses: Curvature | None = None) -> Curvature:
     """One layer's curvature as the method prepares it (the surgeon: damped factors and their
-    inverses, with its settings' damping); an unusable factor becomes a one-line error naming
-    the layer."""
+    inverses, with its settings' damping; with ``inverses`` kept from the costs pass, only the
+    damping is redone); an unusable factor becomes a one-line error naming the layer."""
     try:
-        return method.prepared(curv, name=t.name)
+        return method.prepared(curv, name=t.name, inverses=inverses)
     except ValueError as exc:
         raise UserError(
             f"curvature of {t.name} is unusable ({exc}); try more "
@@ -313,6 +314,7 @@ def kfac_sweep(run: Run, windows: torch.Tensor, seed: int, desc: str,
     batches = run.batches(windows)
     L = len(store)
     states = run.states("states", batches, L + 1)
+    grads = run.states("grads", batches, 2)  # the output gradients of one layer, then the next
     kwargs = embed(run, batches, states)
     tuple_out = forward_sweep(run, kwargs, states, keep_inputs=True, desc=f"{desc}: forward")
     seed = seed + 7919 * distributed.rank()
@@ -325,7 +327,7 @@ def kfac_sweep(run: Run, windows: torch.Tensor, seed: int, desc: str,
             logits = run.model(input_ids=batch, use_cache=False).logits
             next_token_loss(logits, batch, cfg.fisher, gen).backward()
             del logits
-            states.save("g", L, b, x.grad)
+            grads.save("g", L, b, x.grad)
             states.drop("h", L, b)
         inject.value = None
     n_windows = int(windows.shape[0])
@@ -340,9 +342,9 @@ def kfac_sweep(run: Run, windows: torch.Tensor, seed: int, desc: str,
                     col.new_batch()
                     x = states.load("h", ell, b).detach().requires_grad_(True)
                     out = _layer_out(layer(x, **at_layer(kw, ell)))
-                    out.backward(states.load("g", ell + 1, b))
+                    out.backward(grads.load("g", ell + 1, b))
                     if ell > 0:
-                        states.save("g", ell, b, x.grad)
+                        grads.save("g", ell, b, x.grad)
                     del out, x
         finally:
             col.detach()
@@ -353,14 +355,15 @@ def kfac_sweep(run: Run, windows: torch.Tensor, seed: int, desc: str,
                 with store.resident(ell) as layer:
                     factors = nearest_kronecker_layer(
                         layer, col.targets, factors, cfg.nearest_kronecker, n_windows,
-                        lambda layer=layer, ell=ell: _recompute(layer, ell, kwargs, states))
+                        lambda layer=layer, ell=ell: _recompute(layer, ell, kwargs, states,
+                                                                grads))
             run.emit("factors", layer=ell, tensors=[m for f in factors.values() for m in f])
             check_finite({k: Curvature(A=a, G=g) for k, (a, g) in factors.items()})
             WorkFiles(run.work / "shot", run.device).put(f"curv{ell}", factors)
             del factors
         del col
         for b in range(len(kwargs)):
-            states.drop("g", ell + 1, b)
+            grads.drop("g", ell + 1, b)
             states.drop("h", ell, b)
 
 
@@ -394,15 +397,15 @@ def kfac_hooks(run: Run, windows: torch.Tensor, seed: int, desc: str,
         del layer
 
 
-def _recompute(layer: nn.Module, ell: int, kwargs: list[Batch], states: States
-               ) -> Iterator[None]:
-    """Run layer ℓ forward and backward once per batch from its stored input and output
-    gradient (hooks on its linears see the inputs and output gradients)."""
+def _recompute(layer: nn.Module, ell: int, kwargs: list[Batch], states: States,
+               grads: States) -> Iterator[None]:
+    """Run layer ℓ forward and backward once per batch from its stored input (``states``) and
+    output gradient (``grads``); hooks on its linears see the inputs and output gradients."""
     with torch.enable_grad():
         for b, kw in enumerate(kwargs):
             x = states.load("h", ell, b).detach().requires_grad_(True)
             out = _layer_out(layer(x, **at_layer(kw, ell)))
-            out.backward(states.load("g", ell + 1, b))
+            out.backward(grads.load("g", ell + 1, b))
             del out, x
             yield None
 
@@ -465,15 +468,19 @@ def _curvature_of(run: Run, ell: int, names: list[str]) -> dict[str, Curvature]:
     return {n: Curvature(A=saved[n][0], G=saved[n][1]) for n in names}
 
 
-def _prepared_of(run: Run, ell: int, names: list[str]) -> dict[str, Curvature]:
-    """Layer ℓ's damped factors and inverses as the costs pass prepared them."""
-    if not names:
+def _prepared_of(run: Run, ell: int, targets: list[TargetLinear]) -> dict[str, Curvature]:
+    """Layer ℓ's curvature as the costs pass prepared it: its raw factors (``curv{ℓ}``) made
+    again into the method's damped ones, with the inverses that pass kept (``prep{ℓ}``)."""
+    if not targets:
         return {}
+    raw = _curvature_of(run, ell, [t.name for t in targets])
     saved = WorkFiles(run.work / "shot", run.device).get(f"prep{ell}")
     run.emit("factors", layer=ell,
-             tensors=[m for n in names for m in saved[n][:4] if m is not None])
-    return {n: Curvature(A=saved[n][0], G=saved[n][1], Ainv=saved[n][2], Ginv=saved[n][3],
-                         flat=bool(saved[n][4])) for n in names}
+             tensors=[m for t in targets for m in saved[t.name][:2] if m is not None])
+    return {t.name: prepare_curvature(run.method, raw.pop(t.name), t,
+                                      Curvature(Ainv=saved[t.name][0], Ginv=saved[t.name][1],
+                                                flat=bool(saved[t.name][2])))
+            for t in targets}
 
 
 # ---- the passes of a shot -------------------------------------------------------------------
@@ -523,9 +530,10 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
                     W = augmented_weight(t)
                     shapes[t.name] = W.shape
                     if method.prepares and t.name in needs:
-                        # damped factors and their inverses, once: kept for the updates
+                        # damped factors and their inverses, once; the inverses are kept for
+                        # the updates (the damping is redone there from the raw factors)
                         c = curv[t.name] = prepare_curvature(method, curv[t.name], t)
-                        prepared[t.name] = (c.A, c.G, c.Ainv, c.Ginv, c.flat)
+                        prepared[t.name] = (c.Ainv, c.Ginv, c.flat)
                     c = structure.costs(method, W, curv[t.name], t, state)
                     if structure.small_costs:
                         small[t.name] = c
@@ -553,8 +561,8 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
             run.emit("update", shot=shot, layer=ell, layers=len(store))
             mine = by_layer.get(ell, [])
             names = [t.name for t in mine if t.name in needs]
-            curv = (_prepared_of(run, ell, names) if method.prepares
-                    else _curvature_of(run, ell, names))
+            curv = (_prepared_of(run, ell, [t for t in mine if t.name in needs])
+                    if method.prepares else _curvature_of(run, ell, names))
             with store.resident(ell, dirty=True):
                 for t in mine:
                     W = augmented_weight(t)

@@ -22,7 +22,11 @@ for one decoder layer at a time, whatever the layer store.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import os
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,20 +37,85 @@ from torch import nn
 from llm_surgeon.models.layouts import TargetLinear, decoder_layers, layout_for
 from llm_surgeon.models.offload import LayerStore
 
+_ALIGN = 64  # tensor offsets in a work file are multiples of this (any dtype's element size)
 
-def _save(obj: Any, path: Path) -> None:
-    """``torch.save`` without the zip CRC-32 of every tensor (7× faster for the run's own
-    short-lived work files, which are read back only by the process that wrote them)."""
-    ser = torch.serialization
-    if not hasattr(ser, "set_crc32_options"):
-        torch.save(obj, path)
-        return
-    before = ser.get_crc32_options()
-    ser.set_crc32_options(False)
-    try:
-        torch.save(obj, path)
-    finally:
-        ser.set_crc32_options(before)
+
+def _skeleton(obj: Any, tensors: list[torch.Tensor], seen: dict[tuple, int]) -> Any:
+    """``obj`` (tensors, None, bools, numbers, strings, in tuples, lists and str-keyed dicts)
+    as JSON with each tensor replaced by its index in ``tensors``; a tensor met twice (the
+    shared A of q, k and v) is stored once."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device)
+        if key not in seen:
+            seen[key] = len(tensors)
+            tensors.append(t.contiguous().cpu())
+        return {"tensor": seen[key]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return {type(obj).__name__: [_skeleton(v, tensors, seen) for v in obj]}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError("work files take dicts with str keys only")
+        return {"dict": {k: _skeleton(v, tensors, seen) for k, v in obj.items()}}
+    raise TypeError(f"work files cannot hold a {type(obj).__name__}")
+
+
+def _rebuild(node: Any, tensors: list[torch.Tensor]) -> Any:
+    if not isinstance(node, dict):
+        return node
+    ((kind, value),) = node.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {k: _rebuild(v, tensors) for k, v in value.items()}
+    items = [_rebuild(v, tensors) for v in value]
+    return tuple(items) if kind == "tuple" else items
+
+
+def write_work(obj: Any, path: Path) -> None:
+    """Write ``obj`` (see :func:`_skeleton`) as one file: an 8-byte header length, a JSON
+    header (the structure; each tensor's dtype, shape and byte offset), then the tensors' bytes
+    back to back, each at a multiple of 64 bytes. A run's own short-lived state, read back only
+    by the process that wrote it (:func:`read_work`): no pickling, no zip, no checksum; about
+    4× faster than ``torch.save`` here."""
+    tensors: list[torch.Tensor] = []
+    skeleton = _skeleton(obj, tensors, {})
+    entries, offset = [], 0
+    for t in tensors:
+        entries.append({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                        "offset": offset})
+        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    header = json.dumps({"skeleton": skeleton, "tensors": entries}).encode()
+    header += b" " * (-(8 + len(header)) % _ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for t, e in zip(tensors, entries, strict=True):
+            f.seek(8 + len(header) + e["offset"])
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.truncate(8 + len(header) + offset)
+
+
+def read_work(path: Path, device: Any = "cpu") -> Any:
+    """What :func:`write_work` wrote: the tensors are views into one buffer read from the
+    file (moved to ``device`` when that is not the CPU)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        buf = torch.empty(os.fstat(f.fileno()).st_size - 8 - n, dtype=torch.uint8)
+        if buf.numel():
+            f.readinto(memoryview(buf.numpy()))
+    tensors = []
+    for e in header["tensors"]:
+        dtype = getattr(torch, e["dtype"])
+        count = math.prod(e["shape"])
+        size = count * torch.empty((), dtype=dtype).element_size()
+        t = buf[e["offset"]:e["offset"] + size].view(dtype).view(e["shape"])
+        tensors.append(t if str(device) == "cpu" else t.to(device))
+    return _rebuild(header["skeleton"], tensors)
 
 
 class MemoryLayers:
@@ -148,14 +217,13 @@ class DiskStates:
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, kind: str, layer: int, batch: int) -> Path:
-        return self.root / f"{kind}{layer:05d}_{batch:05d}.pt"
+        return self.root / f"{kind}{layer:05d}_{batch:05d}.bin"
 
     def save(self, kind: str, layer: int, batch: int, t: torch.Tensor) -> None:
-        _save(t.detach().contiguous(), self._path(kind, layer, batch))
+        write_work(t, self._path(kind, layer, batch))
 
     def load(self, kind: str, layer: int, batch: int) -> torch.Tensor:
-        return torch.load(self._path(kind, layer, batch), map_location=self.device,
-                          weights_only=True)
+        return read_work(self._path(kind, layer, batch), self.device)
 
     def drop(self, kind: str, layer: int, batch: int) -> None:
         self._path(kind, layer, batch).unlink(missing_ok=True)
@@ -173,13 +241,13 @@ class WorkFiles:
         root.mkdir(parents=True, exist_ok=True)
 
     def put(self, name: str, obj: Any) -> None:
-        _save(obj, self.root / f"{name}.pt")
+        write_work(obj, self.root / f"{name}.bin")
 
     def get(self, name: str) -> Any:
-        return torch.load(self.root / f"{name}.pt", map_location=self.device, weights_only=True)
+        return read_work(self.root / f"{name}.bin", self.device)
 
     def clear(self) -> None:
-        for f in self.root.glob("*.pt"):
+        for f in self.root.glob("*.bin"):
             f.unlink()
 
     def remove(self) -> None:

@@ -122,9 +122,13 @@ class GlobalMethod(Method):
                    shot: int) -> Counts:
         return passes.global_shot(run, sparsity, windows, shot)
 
-    def prepared(self, curv: Curvature, name: str = "layer") -> Curvature:
+    def prepared(self, curv: Curvature, name: str = "layer",
+                 inverses: Curvature | None = None) -> Curvature:
         """One layer's raw curvature turned into what the costs and updates read (a new
-        object; ``curv`` as it is by default); a ValueError names what is unusable."""
+        object; ``curv`` as it is by default); a ValueError names what is unusable.
+        ``inverses``: the ``Ainv``/``Ginv``/``flat`` of an earlier call on the same ``curv``
+        (the driver keeps only those between the costs and the updates), so that only the
+        cheap part is redone."""
         return curv
 
     @abstractmethod

@@ -17,7 +17,7 @@ from llm_surgeon.methods.surgeon.costs import (
     row_costs,
     row_group_costs,
 )
-from llm_surgeon.methods.surgeon.linalg import Tensor, kron_factors
+from llm_surgeon.methods.surgeon.linalg import Tensor, damp, kron_factors
 from llm_surgeon.methods.surgeon.solver import prune_unstructured
 from llm_surgeon.methods.surgeon.updates import prune_structured
 from llm_surgeon.settings import SurgeonSettings
@@ -51,15 +51,24 @@ class SurgeonMethod(GlobalMethod):
         self.max_correlate = self.settings.max_correlate
 
     def prepared(self, curv: Curvature, damp_g: float | None = None,
-                 damp_a: float | None = None, name: str = "layer") -> Curvature:
+                 damp_a: float | None = None, name: str = "layer",
+                 inverses: Curvature | None = None) -> Curvature:
         """A new :class:`Curvature` with the damped ``G``, ``A`` and their inverses in
         ``compute_dtype`` (``curv`` is left as it is; damping from the settings unless given).
         A dead layer (a factor exactly zero) comes back ``flat`` with its factors undamped and
-        no inverses."""
+        no inverses. ``inverses``: the ``Ainv``, ``Ginv`` and ``flat`` of an earlier call on the
+        same factors; only the damping is redone (bitwise the same damped factors)."""
         damp_g = self.settings.damp_g if damp_g is None else damp_g
         damp_a = self.settings.damp_a if damp_a is None else damp_a
         if curv.G is None or curv.A is None:
             raise ValueError(f"{name}: the surgeon needs Kronecker factors G and A")
+        dt = self.compute_dtype
+        if inverses is not None:
+            if inverses.flat:
+                return dataclasses.replace(curv, flat=True)
+            return dataclasses.replace(curv, A=damp(curv.A.double(), damp_a).to(dt),
+                                       G=damp(curv.G.double(), damp_g).to(dt),
+                                       Ainv=inverses.Ainv, Ginv=inverses.Ginv)
         if all(bool(torch.isfinite(M).all()) for M in (curv.G, curv.A)) and any(
                 float(torch.diagonal(M).abs().sum()) == 0.0 for M in (curv.G, curv.A)):
             # a dead layer (every output row or input column removed, or gradients that
@@ -67,7 +76,6 @@ class SurgeonMethod(GlobalMethod):
             return dataclasses.replace(curv, flat=True)
         f = kron_factors(curv.G.double(), curv.A.double(), rel_damp_g=damp_g,
                          rel_damp_a=damp_a, name=name)
-        dt = self.compute_dtype
         return dataclasses.replace(curv, A=f.A.to(dt), G=f.G.to(dt), Ainv=f.Ainv.to(dt),
                                    Ginv=f.Ginv.to(dt))
 
