@@ -681,3 +681,24 @@ def test_nm_chosen_costs_keep_the_nm_threshold_contract():
     assert torch.equal(part[:, :12], chosen[:, :12] & taken.repeat_interleave(4, 1))
     cheapest = torch.argsort(best.reshape(-1))[:5]
     assert sorted(cheapest.tolist()) == taken.reshape(-1).nonzero().flatten().tolist()
+
+
+def test_prepared_with_kept_inverses_equals_the_full_preparation():
+    """The updates rebuild a layer's preparation from its raw factors and the inverses the costs
+    pass kept: bitwise the same damped factors and inverses (live layer) and the same flat
+    verdict with undamped factors (dead layer), with the method's own damping."""
+    from llm_surgeon.methods.base import Curvature
+    from llm_surgeon.methods.surgeon import SurgeonMethod
+
+    gen = torch.Generator().manual_seed(5)
+    X, Y = torch.randn(30, 5, generator=gen), torch.randn(30, 6, generator=gen)
+    m = SurgeonMethod(damp_g=0.3, damp_a=0.02)  # unequal, so that swapping them would show
+    for G in (Y.T @ Y / 30, torch.zeros(6, 6)):
+        raw = Curvature(A=X.T @ X / 30, G=G)
+        full = m.prepared(raw)
+        kept = Curvature(Ainv=full.Ainv, Ginv=full.Ginv, flat=full.flat)
+        again = m.prepared(Curvature(A=raw.A.clone(), G=raw.G.clone()), inverses=kept)
+        assert again.flat == full.flat
+        for a, b in ((again.A, full.A), (again.G, full.G), (again.Ainv, full.Ainv),
+                     (again.Ginv, full.Ginv)):
+            assert (a is None and b is None) or torch.equal(a, b)

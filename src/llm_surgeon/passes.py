@@ -560,9 +560,9 @@ def global_shot(run: Run, target_sparsity: float, windows: torch.Tensor, shot: i
                         disable=not run.progress):
             run.emit("update", shot=shot, layer=ell, layers=len(store))
             mine = by_layer.get(ell, [])
-            names = [t.name for t in mine if t.name in needs]
-            curv = (_prepared_of(run, ell, [t for t in mine if t.name in needs])
-                    if method.prepares else _curvature_of(run, ell, names))
+            needed = [t for t in mine if t.name in needs]
+            curv = (_prepared_of(run, ell, needed) if method.prepares
+                    else _curvature_of(run, ell, [t.name for t in needed]))
             with store.resident(ell, dirty=True):
                 for t in mine:
                     W = augmented_weight(t)
