@@ -32,8 +32,14 @@ demo: install
 
 # make demo needs no compiler; make test also builds llama.cpp (GGUF export checks), once:
 # pip caches the built wheel.
+# llama-cpp-python compiles llama.cpp here. Not for the build machine's every feature
+# (GGML_NATIVE): on CPUs with AMX, llama.cpp 0.3.36's AMX matmul segfaults on small uneven
+# models (seen in tests/test_export_gguf.py; llama.cpp issues 11115, 20824). AVX2/FMA/F16C
+# are on every x86-64 machine this project runs on.
+LLAMA_CMAKE = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 $(LLAMA_STAMP): $(STAMP)
-	$(PIP) install -e ".[dev,llamacpp]"
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) install --no-cache-dir -e ".[dev,llamacpp]"
 	touch $(LLAMA_STAMP)
 
 test: install $(LLAMA_STAMP)

@@ -134,8 +134,9 @@ def main() -> None:
     old_src = worktree(args.old, work / f"old-{args.old}") / "src"
     new_src = ROOT / "src"
     # the same job on both sides: the old drivers had no --channel-multiple (every width free),
-    # the new driver defaults to 32 on the bundled model's 1536-wide MLP
-    same = {"heads-channels": ["--channel-multiple", "1"]}
+    # the new driver defaults to 32 on the bundled model's 1536-wide MLP; and they costed and
+    # updated every linear of a unit (the coupling default became "consumer" in issue 16)
+    same = {"heads-channels": ["--channel-multiple", "1", "--unit-coupling", "layers"]}
     drivers = [("old", old_src, []), ("new", new_src, [])]
     if args.with_hooks:
         drivers.append(("new-hooks", new_src, ["--curvature-pass", "hooks"]))

@@ -40,6 +40,7 @@ COLUMNS: list[tuple[str, str, float]] = [
 # (row label, method as in results.json, shots the row is about; None: one pass)
 ROWS: list[tuple[str, str, int | None]] = [
     ("LLM Surgeon (`surgeon`, 5 shots)", "surgeon", 5),
+    ("LLM Surgeon + low-rank correction (`--lowrank-rank 16`, 5 shots)", "surgeon+lowrank", 5),
     ("Numerical (`numerical`)", "numerical", None),
     ("mAIHT (`maiht`)", "maiht", None),
     ("SparseGPT (`sparsegpt`)", "sparsegpt", None),
@@ -59,7 +60,9 @@ def runs(root: Path = ROOT) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for rel in ("bench/surgeon/results.json", "bench/methods/results.json"):
         for r in _read(root, rel):
-            out.append({"method": r["method"], "structure": r["structure"],
+            # the low-rank correction between shots is a row of its own
+            method = r["method"] + ("+lowrank" if r.get("lowrank_rank") else "")
+            out.append({"method": method, "structure": r["structure"],
                         "sparsity": float(r["sparsity_target"]), "shots": int(r["shots"]),
                         "ppl": r["ppl"], "ppl_dense": r["ppl_dense"], "source": rel})
     rel = "bench/shrink/results.json"

@@ -3,11 +3,11 @@
     .venv/bin/python bench/shrink.py            # resumes: finished prunes are reused
     .venv/bin/python bench/shrink.py --prune-only   # only the prunes (speed needs a quiet box)
 
-1. LLM Surgeon in coupled units (heads in whole KV groups, MLP channels), 32 x 512 calibration
-   tokens, at 20 % (5 shots), 30 % (2 shots) and 32 % (1 shot) of the decoder-linear
-   parameters; each pruned model is physically shrunk and saved (safetensors + per-layer sizes)
-   under ``out/bench-shrink/``, with the logits of the in-memory model on fixed inputs beside
-   it (``<folder>.probe.pt``).
+1. LLM Surgeon in coupled units (heads in whole KV groups, MLP channels; the default consumer
+   coupling), 32 x 512 calibration tokens, at 20 % (5 shots), 30 % (2 shots) and 32 % (1 shot)
+   of the decoder-linear parameters; each pruned model is physically shrunk and saved
+   (safetensors + per-layer sizes) under ``out/bench-shrink/``, with the logits of the
+   in-memory model on fixed inputs beside it (``<folder>.probe.pt``).
 2. Each saved model is reloaded with ``llm_surgeon.load`` in a fresh process and its logits are
    compared with the in-memory ones.
 3. Speed and peak memory of the 30 % model and the dense model, side by side in one run
@@ -123,7 +123,9 @@ def markdown(r: dict) -> str:
     lines = [
         "Structured pruning in coupled units (heads in whole KV groups, MLP channels), physically",
         "removed, on the bundled SmolLM2-135M (32 x 512 calibration tokens, 64 x 512 evaluation",
-        "tokens of the bundled text). Regenerate: `.venv/bin/python bench/shrink.py`.",
+        "tokens of the bundled text); each unit costed and compensated by its consumer's columns",
+        "(`--unit-coupling consumer`, the default since issue 16's ablation).",
+        "Regenerate: `.venv/bin/python bench/shrink.py`.",
         "",
         "| model | removed (target / achieved) | shots | ppl | decoder-linear params | "
         "params total | file (MB) | file vs dense | reload max abs logit diff |",

@@ -124,7 +124,7 @@ LEVER_CASES = [
     (["--structure", "heads-channels", "--unit-coupling", "both"], "--unit-coupling"),
     (["--structure", "heads-channels", "--unit-ranking", "z"], "--unit-ranking"),
     (["--structure", "heads-channels", "--kind-allocation", "even"], "--kind-allocation"),
-    (["--unit-coupling", "consumer"], "--unit-coupling applies to --structure heads-channels"),
+    (["--unit-coupling", "layers"], "--unit-coupling applies to --structure heads-channels"),
     (["--structure", "rows-columns", "--unit-ranking", "cost", "--kind-allocation",
       "proportional"], "--unit-ranking, --kind-allocation apply to --structure heads-channels"),
 ]

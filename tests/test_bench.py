@@ -87,3 +87,61 @@ def test_bench_matrix_from_flags(tmp_path, tiny_model_dirs, sample_text_file):
         ("wanda", "2:4", "0.5", "1")])
     for r in rows:
         assert set(bench_mod.CSV_COLUMNS) <= set(r) and float(r["ppl"]) > 0
+
+
+def test_bench_also_eval_measures_other_texts(tmp_path, tiny_model_dirs, sample_text_file):
+    """Each pruned model is also evaluated on the ``also_eval`` texts, dense once per text: on
+    the evaluation text itself it gives the run's own perplexities (pruned and dense), on
+    another text numbers of its own, and the table shows the rise ratio."""
+    other = tmp_path / "other.txt"
+    words = sample_text_file.read_text().split()
+    other.write_text(" ".join(reversed(words)))  # same vocabulary, another text
+    config = _config(tiny_model_dirs["llama"], sample_text_file)
+    config["runs"] = config["runs"][:2]
+    config["also_eval"] = [str(sample_text_file), str(other)]
+    out = tmp_path / "out"
+    rows = bench_mod.bench(config, out, progress=False)
+    same, diff = sample_text_file.stem, other.stem
+    for r in rows:
+        assert r["ppl_also"][same] == pytest.approx(r["ppl"], rel=1e-6)
+        assert r["ppl_dense_also"][same] == pytest.approx(r["ppl_dense"], rel=1e-6)
+        # the pruned model, not the dense one, was evaluated on the other text
+        assert abs(r["ppl_also"][diff] / r["ppl_dense_also"][diff] - 1) > 1e-5
+    dense = json.loads((out / "runs" / "dense-also.json").read_text())["entries"]
+    assert sorted(e["label"] for e in dense) == sorted([same, diff])  # measured once each
+    md = (out / "results.md").read_text()
+    assert f"{diff} | rise vs eval" in md
+    assert "| 1.00 |" in md  # the evaluation text's own rise ratio
+
+
+def test_bench_also_eval_errors(tmp_path, tiny_model_dirs, sample_text_file):
+    config = _config(tiny_model_dirs["llama"], sample_text_file)
+    for bad, message in ((["x", 3], "must be a list"), ("a.txt", "must be a list"),
+                         ([str(tmp_path / "absent.txt")], "text not found")):
+        config["also_eval"] = bad
+        with pytest.raises(UserError, match=message):
+            bench_mod.bench(config, tmp_path / "o1", progress=False)
+    config["also_eval"] = [str(sample_text_file)]
+    config["max_memory"] = "1GB"
+    with pytest.raises(UserError, match="max_memory"):
+        bench_mod.bench(config, tmp_path / "o2", progress=False)
+
+
+def test_cached_run_compares_only_the_settings_the_run_uses(tmp_path):
+    """A finished run recorded with another value of a setting it has no use for (a unit lever
+    on 2:4, or on Numerical's heads-channels) is reused; one that differs in a lever it uses
+    (the surgeon's coupling on heads-channels) is refused."""
+    from llm_surgeon.config import PruneConfig
+
+    path = tmp_path / "run.json"
+
+    def recorded(**kw):
+        return {"settings": {**bench_mod.asdict(PruneConfig(**kw)), "unit_coupling": "layers"}}
+
+    for kw in ({"method": "surgeon", "structure": "2:4"},
+               {"method": "numerical", "structure": "heads-channels", "sparsity": 0.2}):
+        bench_mod._check_cached(path, recorded(**kw), PruneConfig(**kw))  # reused
+    kw = {"method": "surgeon", "structure": "heads-channels", "sparsity": 0.2}
+    with pytest.raises(UserError, match="unit_coupling='layers'"):
+        bench_mod._check_cached(path, recorded(**kw), PruneConfig(**kw))
+    bench_mod._check_cached(path, recorded(**kw), PruneConfig(**kw, unit_coupling="layers"))

@@ -307,10 +307,13 @@ def test_proportional_run_removes_both_kinds(tiny_model_dirs, sample_text_file):
 # ---- settings ---------------------------------------------------------------------------------
 
 
-def test_unit_levers_default_to_todays_behaviour_and_refuse_bad_values():
+def test_unit_levers_defaults_and_bad_values():
+    """Consumer coupling is the default (issue 16's ablation), the rankings and allocation as
+    before; a bad value is a one-line error, and so is a lever away from its default outside
+    heads-channels."""
     cfg = PruneConfig()
     assert (cfg.unit_coupling, cfg.unit_ranking, cfg.kind_allocation) == (
-        "layers", "per-parameter", "global")
+        "consumer", "per-parameter", "global")
     assert cfg.unit_options() == UnitOptions() and UnitOptions().changed() == []
     for key, flag in (("unit_coupling", "--unit-coupling"), ("unit_ranking", "--unit-ranking"),
                       ("kind_allocation", "--kind-allocation")):
@@ -319,7 +322,7 @@ def test_unit_levers_default_to_todays_behaviour_and_refuse_bad_values():
         with pytest.raises(UserError, match="must be a string"):
             PruneConfig(structure="heads-channels", **{key: 3}).validate()
     with pytest.raises(UserError, match="--unit-coupling applies to --structure heads-channels"):
-        PruneConfig(structure="unstructured", unit_coupling="consumer").validate()
+        PruneConfig(structure="unstructured", unit_coupling="layers").validate()
     with pytest.raises(UserError, match="--unit-ranking, --kind-allocation apply to"):
         PruneConfig(structure="2:4", unit_ranking="cost",
                     kind_allocation="proportional").validate()

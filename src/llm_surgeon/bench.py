@@ -13,6 +13,11 @@ A config (YAML, or flags) names the model, the data, the shared settings and the
       - {method: surgeon, structure: unstructured, sparsity: 0.5}
       - {method: magnitude, structure: "2:4"}
 
+A config may also list ``also_eval``: texts (files or corpus names) every pruned model is also
+evaluated on, next to the dense model once per text; the results then show each text's
+perplexity and the pruned model's rise over dense on it, against the rise on the evaluation
+text (how far a setting's gain carries beyond the calibration domain).
+
 Every finished run leaves ``DIR/runs/<id>.json``; a second invocation skips those, so an
 interrupted matrix resumes where it stopped. The dense perplexity is measured once and shared.
 Results: ``DIR/results.csv``, ``DIR/results.json`` and ``DIR/results.md``.
@@ -33,6 +38,7 @@ from typing import Any
 import yaml
 
 from llm_surgeon.config import PruneConfig
+from llm_surgeon.data.corpora import load_text
 from llm_surgeon.driver import prune, strip_private
 from llm_surgeon.errors import UserError
 
@@ -49,7 +55,7 @@ CSV_COLUMNS = (
 )
 _CONFIG_KEYS = {f.name for f in fields(PruneConfig)}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_DENSE_FILES = ("dense", "dense-validation")
+_DENSE_FILES = ("dense", "dense-validation", "dense-also")
 # what the dense perplexity depends on: a recorded one is reused only where all of these match
 _EVAL_KEYS = ("model", "eval_data", "calib_data", "seqlen", "eval_windows", "validation", "dtype")
 
@@ -133,9 +139,28 @@ def matrix_from_flags(methods: str, structures: str, sparsities: str, shots: int
     return config
 
 
+def also_eval_texts(config: dict[str, Any]) -> dict[str, str]:
+    """The config's ``also_eval`` texts as {label: text source}; a label is a file's stem or a
+    corpus name. Refused (one line) where it cannot be honoured."""
+    texts = config.get("also_eval", [])
+    if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise UserError("'also_eval' must be a list of texts: file paths or corpus names")
+    if texts and config.get("max_memory") is not None:
+        raise UserError("'also_eval' evaluates the whole pruned model in memory; it cannot be "
+                        "combined with max_memory")
+    out: dict[str, str] = {}
+    for text in texts:
+        label = Path(text).stem if ("/" in text or "." in text) else text
+        if label in out:
+            raise UserError(f"'also_eval' has two texts labelled {label!r}: rename a file")
+        out[label] = text
+    return out
+
+
 def expand_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Shared settings merged into every run; unknown keys are an error."""
-    shared = {k: v for k, v in config.items() if k != "runs"}
+    also_eval_texts(config)
+    shared = {k: v for k, v in config.items() if k not in ("runs", "also_eval")}
     if "name" in shared:
         raise UserError("'name' names one bench run: put it in a run's entry")
     runs = []
@@ -164,12 +189,14 @@ def expand_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _check_cached(path: Path, result: dict[str, Any], cfg: Any) -> None:
     """A finished run is reused only if it was made with the settings the config now gives it
-    (a run id says method, structure, sparsity and shots, or a name: not e.g. the split)."""
+    (a run id says method, structure, sparsity and shots, or a name: not e.g. the split),
+    leaving out the settings the run has no use for."""
     recorded = result.get("settings")
     if not isinstance(recorded, dict):
         return  # older results without their settings
+    skip = {"output", *cfg.inert_settings()}  # (a default these do not touch may change)
     differ = [k for k, v in asdict(cfg).items()
-              if k not in ("output",) and k in recorded and recorded[k] != v]
+              if k not in skip and k in recorded and recorded[k] != v]
     if differ:
         k = differ[0]
         raise UserError(f"{path} was made with {k}={recorded[k]!r}, the config now says "
@@ -209,6 +236,10 @@ def bench(
     check_bench_folder(out)  # new, empty, or a bench folder we wrote: never a user's folder
     ensure_output_folder(out, kind="bench")
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    also = AlsoEval(also_eval_texts(config), out / "runs" / f"{_DENSE_FILES[2]}.json",
+                    progress)
+    for text in also.texts.values():  # a missing file fails now, not after a prune
+        load_text(text, "test")
     rows = []
     for run in runs:
         cfg = PruneConfig(**_settings(run))
@@ -234,8 +265,13 @@ def bench(
                 print(f"[bench] {rid}: running")
             cfg.output = None
             start = time.perf_counter()
-            report = strip_private(prune(cfg, progress=progress, dense_ppl=dense_ppl))
+            full = prune(cfg, progress=progress, dense_ppl=dense_ppl)
+            report = strip_private(full)
             report["time_s"] = time.perf_counter() - start
+            if also.texts and cfg.eval:
+                report["ppl_also"] = also.pruned(full["_model"], cfg)
+                report["ppl_dense_also"] = also.dense(cfg)
+            del full
             report["id"] = rid
             if run.get("name") is not None:
                 report["name"] = run["name"]
@@ -249,6 +285,61 @@ def bench(
     return rows
 
 
+class AlsoEval:
+    """Perplexity of each pruned model on the ``also_eval`` texts (64 windows of the run's
+    seqlen, like the evaluation text), and of the dense model once per text and setting, kept
+    in ``dense_file`` so a resumed bench does not measure it again."""
+
+    def __init__(self, texts: dict[str, str], dense_file: Path, progress: bool) -> None:
+        self.texts, self.dense_file, self.progress = texts, dense_file, progress
+        self._tokenizers: dict[str, Any] = {}
+
+    def _windows(self, cfg: PruneConfig, text: str, tokenizer: Any) -> Any:
+        from llm_surgeon.evaluate.runner import eval_windows_for
+
+        return eval_windows_for(tokenizer, text, cfg.seqlen, cfg.eval_windows)
+
+    def _ppl(self, model: Any, cfg: PruneConfig, tokenizer: Any, label: str) -> float:
+        from llm_surgeon.evaluate.perplexity import evaluate_perplexity
+
+        windows = self._windows(cfg, self.texts[label], tokenizer)
+        return evaluate_perplexity(model, windows, cfg.batch_size, self.progress,
+                                   desc=f"{label} perplexity")["ppl"]
+
+    def _tokenizer(self, spec: str) -> Any:
+        from llm_surgeon.models.load import load_model
+
+        if spec not in self._tokenizers:
+            model, tokenizer = load_model(spec, dtype="float32", device="cpu")
+            del model
+            self._tokenizers[spec] = tokenizer
+        return self._tokenizers[spec]
+
+    def pruned(self, model: Any, cfg: PruneConfig) -> dict[str, float]:
+        tokenizer = self._tokenizer(cfg.model)
+        return {label: self._ppl(model, cfg, tokenizer, label) for label in self.texts}
+
+    def dense(self, cfg: PruneConfig) -> dict[str, float]:
+        from llm_surgeon.models.load import load_model
+
+        key = {"model": cfg.model, "seqlen": cfg.seqlen, "eval_windows": cfg.eval_windows,
+               "dtype": cfg.dtype}
+        known = _read_run(self.dense_file).get("entries", []) if self.dense_file.is_file() else []
+        found = {e["label"]: e["ppl"] for e in known
+                 if {k: e.get(k) for k in key} == key and e.get("text") == self.texts.get(
+                     e["label"])}
+        missing = [label for label in self.texts if label not in found]
+        if missing:
+            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            for label in missing:
+                found[label] = self._ppl(model, cfg, tokenizer, label)
+                known.append({"label": label, "text": self.texts[label], **key,
+                              "ppl": found[label]})
+            del model
+            _write_atomic(self.dense_file, json.dumps({"entries": known}, indent=2) + "\n")
+        return {label: found[label] for label in self.texts}
+
+
 def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": result["id"],
@@ -260,19 +351,23 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
         "ppl_dense": result.get("ppl_dense"),
         "shots": len(result.get("shots", [])),
         "time_s": result.get("time_s"),
+        "lowrank_rank": (result.get("settings") or {}).get("lowrank_rank", 0),
+        **({"ppl_also": result["ppl_also"], "ppl_dense_also": result.get("ppl_dense_also")}
+           if result.get("ppl_also") else {}),
     }
 
 
 def write_results(results: list[dict[str, Any]], out: Path) -> None:
     rows = [summary_row(r) for r in results]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     _write_atomic(out / "results.csv", buf.getvalue())
     _write_atomic(out / "results.json", json.dumps(rows, indent=2) + "\n")
     named = any(r.get("name") is not None for r in results)
-    _write_atomic(out / "results.md", markdown_table(rows, named) + timing_table(results))
+    _write_atomic(out / "results.md", markdown_table(rows, named) + also_table(rows)
+                  + timing_table(results))
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -293,6 +388,39 @@ def markdown_table(rows: list[dict[str, Any]], named: bool = False) -> str:
             f"{r['sparsity_achieved']:.4f} | {r['shots']} | {_fmt(r['ppl'], '.2f')} | "
             f"{_fmt(r['time_s'], '.0f')} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def rise_ratio(ppl: float, dense: float, ref_ppl: float, ref_dense: float) -> float:
+    """How much of the perplexity rise on the evaluation text a run shows on another text:
+    ``log(ppl / dense) / log(ref_ppl / ref_dense)`` (1: the same relative damage; above 1: the
+    run lost more there than on the evaluation text)."""
+    return math.log(ppl / dense) / math.log(ref_ppl / ref_dense)
+
+
+def also_table(rows: list[dict[str, Any]]) -> str:
+    """Perplexity on the ``also_eval`` texts, dense beside it, and each run's rise there as a
+    share of its rise on the evaluation text (runs measured without them are left out)."""
+    measured = [r for r in rows if r.get("ppl_also")]
+    if not measured:
+        return ""
+    labels = list(dict.fromkeys(k for r in measured for k in r["ppl_also"]))
+    lines = ["", "Perplexity on other texts (`also_eval`; dense in brackets) and the log-"
+             "perplexity rise there over the rise on the evaluation text:", "",
+             "| run | ppl | " + " | ".join(f"{lab} | rise vs eval" for lab in labels) + " |",
+             "|---|---|" + "---|---|" * len(labels)]
+    for r in measured:
+        cells = []
+        for lab in labels:
+            ppl, dense = r["ppl_also"].get(lab), (r.get("ppl_dense_also") or {}).get(lab)
+            if ppl is None or dense is None:
+                cells += ["–", "–"]
+                continue
+            ratio = ("–" if r["ppl"] is None or r["ppl_dense"] is None
+                     or r["ppl"] <= r["ppl_dense"]
+                     else f"{rise_ratio(ppl, dense, r['ppl'], r['ppl_dense']):.2f}")
+            cells += [f"{ppl:.2f} ({dense:.2f})", ratio]
+        lines.append(f"| {r['id']} | {_fmt(r['ppl'], '.2f')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

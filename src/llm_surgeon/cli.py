@@ -310,11 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hc.add_argument(
         "--unit-coupling", choices=UNIT_COUPLINGS, default=_D.unit_coupling,
-        help="layers: a unit's cost is the sum of every linear's share (q/k/v/o, gate/up/down), "
-        "each linear updated on its own; consumer: only the o/down columns are costed and "
-        "updated (the surgeon's column update reads only A: Numerical pruning's compensation "
-        "after the surgeon's selection), the q/k/v/gate/up rows are zeroed without an update "
-        "(default: %(default)s)",
+        help="consumer: only the o/down columns are costed and updated (the surgeon's column "
+        "update reads only A: Numerical pruning's compensation after the surgeon's selection), "
+        "the q/k/v/gate/up rows are zeroed without an update; layers: a unit's cost is the sum "
+        "of every linear's share (q/k/v/o, gate/up/down), each linear updated on its own, which "
+        "counts one decision twice (20%% on the bundled model: validation perplexity 33.9 "
+        "against 43.4, bench/ablation) (default: %(default)s)",
     )
     hc.add_argument(
         "--unit-ranking", choices=UNIT_RANKINGS, default=_D.unit_ranking,

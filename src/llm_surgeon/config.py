@@ -89,10 +89,10 @@ class RunConfig:
     # quantization block of llama.cpp's Q8_0/Q4_0, where layers have >= 512 channels; else 1)
     channel_multiple: int | None = None
     layer_sizes: str = "global"  # heads-channels: "global" (per-layer sizes) | "uniform"
-    # heads-channels: "layers": a unit's cost is the sum of every linear's share, each linear
-    # updated on its own; "consumer": only the o/down columns are costed and updated, the
-    # q/k/v/gate/up rows are zeroed without an update
-    unit_coupling: str = "layers"
+    # heads-channels: "consumer": only the o/down columns are costed and updated, the
+    # q/k/v/gate/up rows are zeroed without an update; "layers": a unit's cost is the sum of
+    # every linear's share, each linear updated on its own
+    unit_coupling: str = "consumer"
     # heads-channels: rank units by "per-parameter" cost, raw "cost", or the cost per parameter
     # "standardized" (z-score) within each layer and kind
     unit_ranking: str = "per-parameter"
@@ -108,6 +108,19 @@ class RunConfig:
     def unit_options(self) -> UnitOptions:
         """The heads-channels levers of this run (coupling, ranking, kind allocation)."""
         return UnitOptions(self.unit_coupling, self.unit_ranking, self.kind_allocation)
+
+    def inert_settings(self) -> set[str]:
+        """The settings this run has no use for: the unit shape and levers outside
+        heads-channels, the levers for a method with its own unit ranking (Numerical). A
+        recorded run that differs from this one only in these is the same run."""
+        from llm_surgeon.methods.registry import method_class
+        from llm_surgeon.structures import parse_structure
+
+        if not parse_structure(self.structure).accepts_unit_shape:
+            return {"channel_multiple", "layer_sizes", *UNIT_OPTIONS}
+        if method_class(self.method).kind != "global":
+            return set(UNIT_OPTIONS)
+        return set()
 
     def target_sparsity(self) -> float:
         """The run's target sparsity, resolved by its structure (None: 0.5; N:M: 1 - N/M)."""
