@@ -269,7 +269,7 @@ def bench(
             report = strip_private(full)
             report["time_s"] = time.perf_counter() - start
             if also.texts and cfg.eval:
-                report["ppl_also"] = also.pruned(full["_model"], cfg)
+                report["ppl_also"] = also.pruned(full["_model"], full["_tokenizer"], cfg)
                 report["ppl_dense_also"] = also.dense(cfg)
             del full
             report["id"] = rid
@@ -292,31 +292,17 @@ class AlsoEval:
 
     def __init__(self, texts: dict[str, str], dense_file: Path, progress: bool) -> None:
         self.texts, self.dense_file, self.progress = texts, dense_file, progress
-        self._tokenizers: dict[str, Any] = {}
-
-    def _windows(self, cfg: PruneConfig, text: str, tokenizer: Any) -> Any:
-        from llm_surgeon.evaluate.runner import eval_windows_for
-
-        return eval_windows_for(tokenizer, text, cfg.seqlen, cfg.eval_windows)
 
     def _ppl(self, model: Any, cfg: PruneConfig, tokenizer: Any, label: str) -> float:
         from llm_surgeon.evaluate.perplexity import evaluate_perplexity
+        from llm_surgeon.evaluate.runner import eval_windows_for
 
-        windows = self._windows(cfg, self.texts[label], tokenizer)
+        windows = eval_windows_for(tokenizer, self.texts[label], cfg.seqlen, cfg.eval_windows)
         return evaluate_perplexity(model, windows, cfg.batch_size, self.progress,
                                    desc=f"{label} perplexity")["ppl"]
 
-    def _tokenizer(self, spec: str) -> Any:
-        from llm_surgeon.models.load import load_model
-
-        if spec not in self._tokenizers:
-            model, tokenizer = load_model(spec, dtype="float32", device="cpu")
-            del model
-            self._tokenizers[spec] = tokenizer
-        return self._tokenizers[spec]
-
-    def pruned(self, model: Any, cfg: PruneConfig) -> dict[str, float]:
-        tokenizer = self._tokenizer(cfg.model)
+    def pruned(self, model: Any, tokenizer: Any, cfg: PruneConfig) -> dict[str, float]:
+        """The pruned ``model`` (with the run's own ``tokenizer``) on every text."""
         return {label: self._ppl(model, cfg, tokenizer, label) for label in self.texts}
 
     def dense(self, cfg: PruneConfig) -> dict[str, float]:

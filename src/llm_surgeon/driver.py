@@ -276,7 +276,8 @@ def prune(cfg: PruneConfig, progress: bool = True, dense_ppl: float | None = Non
         report = run_passes(run, target, windows, eval_set, budget, need, dense_ppl, _resume,
                             out_dir)
         save_result(store, tokenizer, out_dir, report)
-        report["_model"] = store.handle()  # in-memory handle for callers (not serialised)
+        report["_model"] = store.handle()  # in-memory handles for callers (not serialised)
+        report["_tokenizer"] = tokenizer
         return report
     finally:
         remove_work_folder(work)
