@@ -126,8 +126,9 @@ def test_streamed_global_masks_equal_in_memory_selection(monkeypatch, n_layers, 
         c[torch.rand(c.shape, generator=gen) < 0.05] = float("inf")  # never removed
         costs.append(c)
     total = sum(c.numel() for c in costs)
-    for frac in (0.1, 0.35, 0.6, 0.97):
-        n = int(frac * total)
+    n_elig = sum(int((c != float("inf")).sum()) for c in costs)
+    # the last two: a bracket reaching the +inf keys, and every eligible key (N:M's last shot)
+    for n in [int(frac * total) for frac in (0.1, 0.35, 0.6, 0.97)] + [n_elig - 3, n_elig]:
         want = threshold.global_masks(costs, n)
         sel = threshold.streamed_global_masks(lambda i: costs[i], n_layers, n)
         got = [sel.mask(i, costs[i]) for i in range(n_layers)]
@@ -135,6 +136,34 @@ def test_streamed_global_masks_equal_in_memory_selection(monkeypatch, n_layers, 
             assert torch.equal(a, b)
         assert sum(int(m.sum()) for m in got) == min(n, sum(int((c != float("inf")).sum())
                                                              for c in costs))
+
+
+def test_streamed_threshold_near_every_eligible_key_holds_few_candidates(monkeypatch):
+    """At an N:M target (half of every layer's keys +inf), the k-th smallest key near the
+    top of the eligible ones is found among a few candidates, not among every +inf key; and
+    taking every eligible key needs no search at all."""
+    monkeypatch.setattr(threshold, "_EXACT_BELOW", 100)
+    monkeypatch.setattr(threshold, "_SAMPLE", 65536)
+    gen = torch.Generator().manual_seed(1)
+    costs = [threshold.nm_eligible_costs(torch.rand(256, 256, generator=gen), 2, 4)
+             for _ in range(6)]
+    total = sum(c.numel() for c in costs)
+    n_elig = sum(int((c != float("inf")).sum()) for c in costs)
+    assert n_elig == total // 2
+    seen: list[int] = []
+    real = torch.kthvalue
+    monkeypatch.setattr(torch, "kthvalue", lambda x, k: seen.append(x.numel()) or real(x, k))
+    for n in (n_elig - 40, n_elig):
+        seen.clear()
+        want = threshold.global_masks(costs, n)
+        seen.clear()
+        sel = threshold.streamed_global_masks(lambda i: costs[i], len(costs), n)
+        for i, c in enumerate(costs):
+            assert torch.equal(sel.mask(i, c), want[i])
+        if n == n_elig:
+            assert seen == []
+        else:
+            assert seen and max(seen) < total // 8, seen
 
 
 def test_budget_too_small_is_refused(tiny_model_dirs, sample_text_file, tmp_path):

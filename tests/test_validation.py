@@ -55,6 +55,23 @@ def test_prune_evaluates_on_the_validation_tail(tiny_model_dirs, sample_text_fil
     assert abs(head - want) > 1e-3 * want
 
 
+def test_validation_refuses_an_eval_text_it_would_not_read(capsys, tmp_path, tiny_model_dirs,
+                                                           sample_text_file):
+    base = ["-q", "prune", "--model", str(tiny_model_dirs["llama"]), "--calib-data",
+            str(sample_text_file), "--calib-samples", "2", "--seqlen", "16", "--eval-windows",
+            "2", "--shots", "1", "--method", "magnitude", "--validation"]
+    out = tmp_path / "out"
+    assert main([*base, "--eval-data", str(sample_text_file), "--output", str(out)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "--eval-data would not be read" in err[0], err
+    assert not out.exists()
+    # without --eval-data the same command runs, on the validation tail
+    assert main([*base, "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["validation"] is True
+    assert report["settings"]["eval_data"] == PruneConfig().eval_data
+
+
 def test_bench_runs_told_apart_by_name(tmp_path, tiny_model_dirs, sample_text_file):
     common = {"model": str(tiny_model_dirs["llama"]), "calib_data": str(sample_text_file),
               "eval_data": str(sample_text_file), "calib_samples": 2, "seqlen": 16,

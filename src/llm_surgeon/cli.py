@@ -352,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--eval-data",
-        default=_D.eval_data,
-        help="evaluation text (its test split) (default: %(default)s)",
+        default=None,  # None: PruneConfig's default; told apart so --validation can refuse it
+        help=f"evaluation text (its test split) (default: {_D.eval_data})",
     )
     pr.add_argument(
         "--eval-windows",
@@ -612,6 +612,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
     given = vars(args)
     values = {f.name: given[f.name] for f in fields(PruneConfig) if f.name in given}
     values["eval"] = not args.no_eval
+    if values.get("eval_data") is None:
+        values.pop("eval_data", None)
+    elif values.get("validation"):
+        raise UserError("--validation measures perplexity on the calibration text's held-out "
+                        "tail, so --eval-data would not be read; drop one of the two")
     return PruneConfig(**values)
 
 

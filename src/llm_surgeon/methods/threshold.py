@@ -253,7 +253,9 @@ def _kth_smallest(keys: list[Tensor], elig: list[Tensor], k: int) -> float:
             v = flat(i)
             lo_i, hi_i = lo.to(v.device), hi.to(v.device)
             below += int((v < lo_i).sum())
-            cands.append(v[(v >= lo_i) & (v <= hi_i)].to(dev))
+            # +inf never has rank k: when the bracket reaches it (k near the number of
+            # eligible keys, e.g. the last N:M shot) it must not collect every ineligible key
+            cands.append(v[(v >= lo_i) & (v <= hi_i) & (v != inf)].to(dev))
         cand = torch.cat(cands)
         if below < k <= below + cand.numel():
             return float(torch.kthvalue(cand, k - below).values)
@@ -555,6 +557,8 @@ def streamed_global_masks(load: Callable[[int], Tensor], n_layers: int,
     k = min(int(n_remove), n_elig)
     if k <= 0:
         return StreamedSelection(float("-inf"), [0] * n_layers, key_dtype)
+    if k == n_elig:  # every eligible candidate (a one-shot or last-shot N:M target)
+        return StreamedSelection(float("inf"), [0] * n_layers, key_dtype)
     keys = _Lazy(n_layers, key)
     # Ineligible keys are +inf already, which is all an eligibility mask would make of them:
     # "everything eligible" gives the same k-th value without reading each layer twice.
