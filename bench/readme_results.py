@@ -37,10 +37,14 @@ COLUMNS: list[tuple[str, str, float]] = [
     ("20% heads-channels", "heads-channels", 0.2),
     ("30% heads-channels", "heads-channels", 0.3),
 ]
+# runs with settings chosen on the validation split (issue 16's ablation), a row of their own
+CHOSEN = {"surgeon-2of4-5shots-calib64-sampled-damp-g-1"}
 # (row label, method as in results.json, shots the row is about; None: one pass)
 ROWS: list[tuple[str, str, int | None]] = [
     ("LLM Surgeon (`surgeon`, 5 shots)", "surgeon", 5),
     ("LLM Surgeon + low-rank correction (`--lowrank-rank 16`, 5 shots)", "surgeon+lowrank", 5),
+    ("LLM Surgeon, 2:4 settings chosen on validation (`--calib-samples 64 --fisher sampled "
+     "--damp-g 1`, 5 shots)", "surgeon+chosen", 5),
     ("Numerical (`numerical`)", "numerical", None),
     ("mAIHT (`maiht`)", "maiht", None),
     ("SparseGPT (`sparsegpt`)", "sparsegpt", None),
@@ -61,7 +65,8 @@ def runs(root: Path = ROOT) -> list[dict[str, Any]]:
     for rel in ("bench/surgeon/results.json", "bench/methods/results.json"):
         for r in _read(root, rel):
             # the low-rank correction between shots is a row of its own
-            method = r["method"] + ("+lowrank" if r.get("lowrank_rank") else "")
+            method = r["method"] + ("+lowrank" if r.get("lowrank_rank") else
+                                    "+chosen" if r["id"] in CHOSEN else "")
             out.append({"method": method, "structure": r["structure"],
                         "sparsity": float(r["sparsity_target"]), "shots": int(r["shots"]),
                         "ppl": r["ppl"], "ppl_dense": r["ppl_dense"], "source": rel})

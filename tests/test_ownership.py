@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_surgeon.cli import build_parser, check_prune_args, main
+from llm_surgeon.cli import build_parser, check_prune_args, config_from_args, main
 
 try:
     from llm_surgeon import io as sio
@@ -184,13 +184,10 @@ def test_shrink_renaming_falls_back_when_transformers_internals_change(monkeypat
     ["--lowrank-lr", "1e-4", "--lowrank-rank", "4"]])
 def test_valid_values_pass_the_early_checks(tmp_path, monkeypatch, tiny_model_dirs, extra):
     """The other side of the bad-value tests: the bounds are not too tight."""
-    from llm_surgeon.config import PruneConfig
-
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(["prune", "--model", str(tiny_model_dirs["llama"]),
                                       "--output", "out", *extra])
-    names = {f for f in PruneConfig.__dataclass_fields__ if hasattr(args, f)}
-    cfg = PruneConfig(**{f: getattr(args, f) for f in names})
+    cfg = config_from_args(args)  # the PruneConfig cmd_prune builds
     check_prune_args(args, cfg)  # raises UserError (exit 2) on refusal
     assert not (tmp_path / "out").exists()
 
